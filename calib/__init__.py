@@ -1,0 +1,1 @@
+"""Calibration: data readers, activation capture, sufficient statistics (installed as onnxopt.calib)."""

@@ -1,0 +1,1 @@
+"""Compression passes (installed as onnxopt.passes)."""
