@@ -1,0 +1,87 @@
+"""Top-1 / top-5 accuracy of a classifier on a labelled image folder.
+
+Labels: by default the class index is the position of an image's folder in the sorted list
+of class folders (ImageFolder). With ``labels_file`` (one class name per line, e.g.
+``imagenet_synsets.txt``) it is the line number of the folder's name. ``label_offset`` is
+added (MobileNetV2 from TF has a background class at index 0: offset 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnxopt.calib.capture import make_session
+from onnxopt.calib.readers import DataSource, InputSpec, Preprocess, image_geometry, list_images
+from onnxopt.errors import UserError
+
+
+@dataclass
+class Accuracy:
+    top1: float
+    top5: float
+    n: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def labelled_images(folder: Path, labels_file: Path | None, label_offset: int,
+                    limit: int | None, seed: int) -> tuple[list[Path], np.ndarray]:
+    if not folder.is_dir():
+        raise UserError(f"--data {folder}: not a folder; give a folder with one sub-folder per class")
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if not classes:
+        raise UserError(f"--data {folder}: no class sub-folders (expected <folder>/<class>/<image>)")
+    if labels_file is not None:
+        if not labels_file.is_file():
+            raise UserError(f"--labels {labels_file}: no such file")
+        names = [line.strip().split()[0] for line in labels_file.read_text().splitlines() if line.strip()]
+        index = {name: i for i, name in enumerate(names)}
+        unknown = [c for c in classes if c not in index]
+        if unknown:
+            raise UserError(f"--labels {labels_file} does not list class folder(s) {unknown[:3]}")
+    else:
+        index = {name: i for i, name in enumerate(classes)}
+    paths, labels = [], []
+    for name in classes:
+        for path in list_images(folder / name):
+            paths.append(path)
+            labels.append(index[name] + label_offset)
+    if not paths:
+        raise UserError(f"--data {folder}: no images in the class folders")
+    if limit is not None and limit < len(paths):
+        keep = np.sort(np.random.default_rng(seed).permutation(len(paths))[:limit])
+        paths = [paths[i] for i in keep]
+        labels = [labels[i] for i in keep]
+    return paths, np.asarray(labels)
+
+
+def evaluate(model: onnx.ModelProto, inputs: list[InputSpec], folder: Path, prep: Preprocess,
+             labels_file: Path | None = None, label_offset: int = 0, limit: int | None = None,
+             seed: int = 0, threads: int = 0, batch_size: int = 64, progress=None) -> Accuracy:
+    if len(inputs) != 1:
+        raise UserError(f"eval takes single-input classifiers; this model has {len(inputs)} inputs")
+    image_geometry(inputs[0], prep)
+    paths, labels = labelled_images(folder, labels_file, label_offset, limit, seed)
+    session = make_session(model, threads)
+    source = DataSource(inputs, paths=paths, prep=prep)
+    top1 = top5 = 0
+    start = 0
+    for feeds in source.batches(batch_size):
+        logits = session.run(None, feeds)[0]
+        if logits.ndim != 2:
+            raise UserError(f"the model's first output has shape {list(logits.shape)}; eval needs (N, classes) logits")
+        batch_labels = labels[start:start + len(logits)]
+        if batch_labels.max() >= logits.shape[1]:
+            raise UserError(f"label {int(batch_labels.max())} is out of range for {logits.shape[1]} outputs; check --labels / --label-offset")
+        top = np.argsort(-logits, axis=1)[:, :5]
+        top1 += int((top[:, 0] == batch_labels).sum())
+        top5 += int((top == batch_labels[:, None]).any(1).sum())
+        start += len(logits)
+        if progress:
+            progress("evaluating", start, len(paths))
+    return Accuracy(top1=top1 / len(paths), top5=top5 / len(paths), n=len(paths))

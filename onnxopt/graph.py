@@ -1,0 +1,212 @@
+"""Loading, preparing and saving ONNX models.
+
+Preparation (ALGORITHMS.md §0) makes a model ready for the passes without changing what it
+computes:
+
+* weights held in ``Constant`` nodes become initializers;
+* ``BatchNormalization`` after a Conv whose only consumer is the BN is folded into it:
+  ``s = gamma / sqrt(var + eps)``, ``W <- W * s[:, None, None, None]``,
+  ``b <- (b - mean) * s + beta``;
+* ``auto_pad`` on Conv is replaced by explicit ``pads`` (needs static spatial shapes).
+
+Graph input/output names, the opset, the IR version and symbolic dimensions are kept.
+Editing goes through onnx-graphsurgeon (``gs.Graph``); :func:`export` turns a graph back into
+a ``ModelProto`` that keeps the input model's IR version and metadata.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .errors import UserError
+
+# Newest IR version onnxruntime 1.31 loads; onnx 1.23 would otherwise write 14.
+MAX_IR_VERSION = 13
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read and validate an ONNX file, with a one-line error for every way it can be wrong."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file; check the path to the ONNX model")
+    if path.is_dir():
+        raise UserError(f"{path} is a directory; give the path to an .onnx file")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path} is empty; re-export the model")
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # protobuf raises several unrelated types
+        raise UserError(
+            f"{path} is not a readable ONNX model ({type(exc).__name__}); re-export it or check it is not truncated"
+        ) from None
+    if len(model.graph.node) == 0:
+        raise UserError(f"{path} has no graph nodes; it is not an ONNX model or it is truncated")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path} fails the ONNX checker: {first_line}") from None
+    return model
+
+
+def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    return gs.import_onnx(model)
+
+
+def export(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
+    """Export ``graph`` keeping the template's IR version, opsets and metadata."""
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    model = gs.export_onnx(graph, do_type_check=False)
+    model.ir_version = min(template.ir_version, MAX_IR_VERSION)
+    del model.opset_import[:]
+    model.opset_import.extend(template.opset_import)
+    for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(model, field, getattr(template, field))
+    del model.metadata_props[:]
+    model.metadata_props.extend(template.metadata_props)
+    if template.functions and not model.functions:
+        model.functions.extend(template.functions)
+    return model
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:
+        return model
+
+
+def _lift_constant_nodes(graph: gs.Graph) -> int:
+    """Turn ``Constant`` nodes holding a tensor into initializers (gs.Constant)."""
+    lifted = 0
+    for node in list(graph.nodes):
+        if node.op != "Constant" or "value" not in node.attrs or len(node.outputs) != 1:
+            continue
+        value = node.attrs["value"]
+        values = value.values if isinstance(value, gs.Constant) else np.asarray(value)
+        out = node.outputs[0]
+        if out in graph.outputs:
+            continue
+        const = gs.Constant(out.name, np.array(values))
+        for consumer in list(out.outputs):
+            for index, tensor in enumerate(consumer.inputs):
+                if tensor is out:
+                    consumer.inputs[index] = const
+        node.outputs.clear()
+        lifted += 1
+    return lifted
+
+
+def _fold_batchnorm(graph: gs.Graph) -> int:
+    """Fold ``Conv -> BatchNormalization`` into the Conv (exact, see module docstring)."""
+    folded = 0
+    for bn in list(graph.nodes):
+        if bn.op != "BatchNormalization" or len(bn.outputs) != 1:
+            continue
+        src = bn.inputs[0]
+        if len(src.inputs) != 1 or len(src.outputs) != 1 or src in graph.outputs:
+            continue
+        conv = src.inputs[0]
+        if conv.op != "Conv" or not isinstance(conv.inputs[1], gs.Constant):
+            continue
+        if not all(isinstance(t, gs.Constant) for t in bn.inputs[1:5]):
+            continue
+        if len(conv.inputs) > 2 and not isinstance(conv.inputs[2], gs.Constant):
+            continue
+        gamma, beta, mean, var = (np.asarray(t.values, np.float64) for t in bn.inputs[1:5])
+        eps = float(bn.attrs.get("epsilon", 1e-5))
+        scale = gamma / np.sqrt(var + eps)
+        weight = conv.inputs[1].values
+        bias = conv.inputs[2].values if len(conv.inputs) > 2 else np.zeros(weight.shape[0], weight.dtype)
+        new_weight = (weight.astype(np.float64) * scale.reshape(-1, *([1] * (weight.ndim - 1)))).astype(weight.dtype)
+        new_bias = ((bias.astype(np.float64) - mean) * scale + beta).astype(weight.dtype)
+        conv.inputs[1] = gs.Constant(conv.inputs[1].name + "_bnfolded", new_weight)
+        bias_constant = gs.Constant((conv.name or conv.outputs[0].name) + "_bias_bnfolded", new_bias)
+        if len(conv.inputs) > 2:
+            conv.inputs[2] = bias_constant
+        else:
+            conv.inputs.append(bias_constant)
+        out = bn.outputs[0]
+        conv.outputs[0] = out
+        bn.outputs.clear()
+        bn.inputs.clear()
+        folded += 1
+    return folded
+
+
+def _explicit_pads(node: gs.Node, in_shape, weight_shape) -> list[int] | None:
+    """Explicit ``pads`` equivalent to SAME_UPPER / SAME_LOWER for static spatial shapes."""
+    mode = node.attrs.get("auto_pad", "NOTSET")
+    spatial = len(weight_shape) - 2
+    if mode in ("NOTSET", "VALID"):
+        return list(node.attrs.get("pads", [0] * (2 * spatial))) if mode == "NOTSET" else [0] * (2 * spatial)
+    if in_shape is None or len(in_shape) != spatial + 2 or not all(isinstance(d, int) for d in in_shape[2:]):
+        return None
+    strides = node.attrs.get("strides", [1] * spatial)
+    dilations = node.attrs.get("dilations", [1] * spatial)
+    kernel = weight_shape[2:]
+    begin, end = [], []
+    for size, stride, dil, k in zip(in_shape[2:], strides, dilations, kernel):
+        out = -(-size // stride)
+        total = max(0, (out - 1) * stride + (k - 1) * dil + 1 - size)
+        small, large = total // 2, total - total // 2
+        begin.append(small if mode == "SAME_UPPER" else large)
+        end.append(large if mode == "SAME_UPPER" else small)
+    return begin + end
+
+
+def _make_pads_explicit(graph: gs.Graph) -> int:
+    changed = 0
+    for node in graph.nodes:
+        if node.op != "Conv" or node.attrs.get("auto_pad", "NOTSET") == "NOTSET":
+            continue
+        if not isinstance(node.inputs[1], gs.Constant):
+            continue
+        pads = _explicit_pads(node, node.inputs[0].shape, node.inputs[1].values.shape)
+        if pads is None:
+            continue  # dynamic spatial dims: the layer table says why it is skipped
+        node.attrs["pads"] = pads
+        del node.attrs["auto_pad"]
+        changed += 1
+    return changed
+
+
+def prepare(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """Constant lifting, BN folding and explicit pads; returns the model and what changed."""
+    graph = import_graph(infer_shapes(model))
+    summary = {
+        "constants_lifted": _lift_constant_nodes(graph),
+        "batchnorms_folded": _fold_batchnorm(graph),
+        "auto_pads_made_explicit": _make_pads_explicit(graph),
+    }
+    prepared = infer_shapes(export(graph, model))
+    return prepared, summary
+
+
+def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> None:
+    """Write ``model`` to ``path`` through a temporary file in the same folder + rename."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise UserError(f"{folder}: output folder does not exist; create it first")
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"{folder}: output folder is not writable; choose another -o path")
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(model.SerializeToString())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def tensor_shape(value_info: onnx.ValueInfoProto) -> list[int | str | None]:
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in value_info.type.tensor_type.shape.dim]

@@ -1,0 +1,281 @@
+"""`onnxopt compress`: from a trained model and calibration data to a smaller, verified model.
+
+1. Prepare the graph (``graph.prepare``) and list its layers (``layers.find_layers``).
+2. Run the ORIGINAL model once over the calibration set: at a few sampled output positions
+   per image, keep each candidate layer's responses (the targets ``y``).
+3. Allocate ranks under the MAC budget (``passes.allocation``) from the energy spectra.
+4. Compress in ``stages`` (topological slices of the chosen layers). Before each stage the
+   CURRENT model (earlier stages already rewritten) is run, cut to the stage's layers, and
+   the same positions give ``yhat``, the original weights' responses on current inputs: the
+   asymmetric formulation, so errors do not accumulate. With one stage per layer this is
+   exact layer-by-layer; fewer stages trade a little of that for fewer model runs.
+5. Verify (``verify``) and return the model; the caller writes it atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from onnxopt import graph as graphs
+from onnxopt.calib.capture import ActivationReader
+from onnxopt.calib.readers import DataSource
+from onnxopt.calib.stats import RowSample, responses_at, sample_positions
+from onnxopt.errors import UserError
+from onnxopt.layers import Layer, find_layers, model_macs
+from onnxopt.passes import allocation, lowrank
+from onnxopt.verify import Verification, verify
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class CompressOptions:
+    speedup: float
+    method: str = "lowrank"
+    exclude: list[str] = field(default_factory=list)
+    seed: int = 0
+    rows_per_layer: int = 32768
+    stages: int = 0                 # 0: automatic
+    rank_multiple: int = 4
+    threads: int = 0
+
+
+@dataclass
+class LayerResult:
+    name: str
+    op: str
+    shape: str
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+    rank: int | None = None
+    full_rank: int | None = None
+    solver: str | None = None
+    error_before: float | None = None   # relative response error, no compression (input drift)
+    error_after: float | None = None    # relative response error of the factorised layer
+    skipped: str | None = None
+
+
+@dataclass
+class CompressionResult:
+    model: onnx.ModelProto
+    layers: list[LayerResult]
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+    verification: Verification
+    preparation: dict
+    timings: dict
+    calib_samples: int
+    holdout_samples: int
+    rows_per_layer: int
+    stages: int
+
+    def to_json(self) -> dict:
+        return {
+            "macs_before": self.macs_before,
+            "macs_after": self.macs_after,
+            "mac_speedup": self.macs_before / max(self.macs_after, 1),
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "size_bytes": self.model.ByteSize(),
+            "preparation": self.preparation,
+            "calibration": {"samples": self.calib_samples, "holdout_samples": self.holdout_samples,
+                            "rows_per_layer": self.rows_per_layer, "stages": self.stages},
+            "verification": self.verification.to_json(),
+            "timings_s": self.timings,
+            "layers": [vars(layer) for layer in self.layers],
+        }
+
+
+def _batch_size(per_sample_floats: int) -> int:
+    """Batches of about 128 MB of captured activations, between 1 and 128 samples."""
+    return int(max(1, min(128, (32 * 2**20) // max(per_sample_floats, 1))))
+
+
+def _per_sample_floats(layers: list[Layer]) -> int:
+    total = 0
+    for layer in layers:
+        spatial = int(np.prod(layer.output_hw)) if layer.op == "Conv" else 1
+        total += layer.out_channels * spatial
+    return total
+
+
+def _layer_seed(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:4], "little")
+
+
+class ResponseSampler:
+    """Sampled responses of chosen layers over a data source, same positions on every run."""
+
+    def __init__(self, data: DataSource, layers: list[Layer], rows_per_layer: int, seed: int):
+        self.data = data
+        self.rows_per_layer = rows_per_layer
+        self.seed = seed
+        self.per_image = {
+            layer.name: max(1, math.ceil(rows_per_layer / len(data))) for layer in layers
+        }
+        self.batch_size = _batch_size(_per_sample_floats(layers))
+
+    def collect(self, model: onnx.ModelProto, layers: list[Layer], threads: int,
+                progress: Progress | None = None, label: str = "") -> dict[str, np.ndarray]:
+        reader = ActivationReader(model, [layer.output.name for layer in layers], threads)
+        samples = {layer.name: RowSample(self.rows_per_layer) for layer in layers}
+        done = 0
+        for batch_index, outputs in enumerate(reader.stream(self.data.batches(self.batch_size))):
+            for layer in layers:
+                out = outputs[layer.output.name]
+                if out.ndim == 4:
+                    positions = sample_positions(out.shape[0], out.shape[2], out.shape[3], self.per_image[layer.name],
+                                                 (_layer_seed(self.seed, layer.name), batch_index))
+                    samples[layer.name].add(responses_at(out, positions))
+                else:
+                    samples[layer.name].add(out.reshape(out.shape[0], -1))
+            done += len(next(iter(outputs.values())))
+            if progress:
+                progress(label, done, len(self.data))
+        return {name: sample.array() for name, sample in samples.items()}
+
+
+def _rank_options(layer: Layer, eigenvalues: np.ndarray, multiple: int) -> list[allocation.Option]:
+    options = [allocation.Option(cost=layer.macs, damage=0.0, value=None)]
+    top = lowrank.max_saving_rank(layer)
+    for rank in range(multiple, top + 1, multiple):
+        options.append(allocation.Option(lowrank.decomposed_macs(layer, rank), allocation.energy_damage(eigenvalues, rank), rank))
+    if top >= 1 and top % multiple and top < multiple:
+        options.append(allocation.Option(lowrank.decomposed_macs(layer, top), allocation.energy_damage(eigenvalues, top), top))
+    return options
+
+
+def _stage_slices(count: int, stages: int) -> list[slice]:
+    stages = max(1, min(stages, count))
+    bounds = np.linspace(0, count, stages + 1).round().astype(int)
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+def _relative_error(approx: np.ndarray, target: np.ndarray, relu: bool) -> float:
+    if relu:
+        approx, target = np.maximum(approx, 0), np.maximum(target, 0)
+    return float(np.linalg.norm(approx - target) / max(np.linalg.norm(target), 1e-12))
+
+
+def plan_candidates(layers: list[Layer], exclude: list[str]) -> tuple[list[Layer], dict[str, str]]:
+    """Layers the low-rank pass will consider, and why each other layer is left alone."""
+    import fnmatch
+
+    reasons: dict[str, str] = {}
+    candidates = []
+    for layer in layers:
+        reason = lowrank.applicability(layer)
+        if reason is None and any(fnmatch.fnmatchcase(layer.name, pattern) for pattern in exclude):
+            reason = "excluded by --exclude"
+        if reason:
+            reasons[layer.name] = reason
+        else:
+            candidates.append(layer)
+    return candidates, reasons
+
+
+def compress(model: onnx.ModelProto, calib: DataSource, holdout: DataSource, options: CompressOptions,
+             progress: Progress | None = None) -> CompressionResult:
+    if options.speedup <= 1:
+        raise UserError(f"--speedup must be greater than 1 (got {options.speedup})")
+    if options.method != "lowrank":
+        raise UserError(f"unknown --method {options.method!r}; available: lowrank")
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    prepared, preparation = graphs.prepare(model)
+    graph = graphs.import_graph(prepared)
+    layers = find_layers(graph)
+    candidates, reasons = plan_candidates(layers, options.exclude)
+    if not candidates:
+        detail = "; ".join(f"{name}: {why}" for name, why in list(reasons.items())[:3]) or "the model has no Conv or Gemm layers"
+        raise UserError(f"nothing to compress: no layer can be low-rank factorised ({detail})")
+    macs_before = model_macs(layers)
+    fixed_macs = macs_before - sum(layer.macs for layer in candidates)
+    budget = macs_before / options.speedup - fixed_macs
+    timings["prepare"] = time.perf_counter() - start
+
+    sampler = ResponseSampler(calib, candidates, options.rows_per_layer, options.seed)
+    t0 = time.perf_counter()
+    targets = sampler.collect(prepared, candidates, options.threads, progress, "original model")
+    timings["capture_original"] = time.perf_counter() - t0
+
+    spectra = {}
+    for layer in candidates:
+        rows = targets[layer.name].astype(np.float64)
+        spectra[layer.name] = np.linalg.eigvalsh(np.cov(rows, rowvar=False).reshape(layer.out_channels, layer.out_channels)) if len(rows) > 1 else np.ones(layer.out_channels)
+    layer_options = [_rank_options(layer, spectra[layer.name], options.rank_multiple) for layer in candidates]
+    choice = allocation.allocate(layer_options, budget)
+    if choice is None:
+        best = macs_before / (fixed_macs + sum(min(o.cost for o in opts) for opts in layer_options))
+        raise UserError(
+            f"--speedup {options.speedup:g} is out of reach for low-rank factorisation of this model "
+            f"(at most {best:.2f}x: {fixed_macs / macs_before:.0%} of its MACs are in layers it cannot factor); lower --speedup"
+        )
+    ranks = {layer.name: opts[k].value for layer, opts, k in zip(candidates, layer_options, choice)}
+    chosen = [layer for layer in candidates if ranks[layer.name] is not None]
+
+    stages = options.stages or min(len(chosen), 12)
+    results: dict[str, LayerResult] = {}
+    t0 = time.perf_counter()
+    slices = _stage_slices(len(chosen), stages) if chosen else []
+    for number, part in enumerate(slices, 1):
+        stage_layers = chosen[part]
+        current = graphs.export(graph, prepared)
+        yhats = sampler.collect(current, stage_layers, options.threads, progress, f"stage {number}/{len(slices)}")
+        for layer in stage_layers:
+            yhat = yhats[layer.name].astype(np.float64)
+            target = targets[layer.name].astype(np.float64)
+            fact = lowrank.solve(layer, yhat, target, ranks[layer.name])
+            relu = layer.activation == "relu"
+            results[layer.name] = LayerResult(
+                layer.name, layer.op, _shape_text(layer), layer.macs, lowrank.decomposed_macs(layer, fact.rank),
+                layer.params, fact.rank * (layer.in_channels * layer.kernel[0] * layer.kernel[1] + layer.out_channels) + layer.out_channels,
+                rank=fact.rank, full_rank=layer.out_channels, solver=fact.solver,
+                error_before=_relative_error(yhat, target, relu),
+                error_after=_relative_error(fact.apply(yhat), target, relu),
+            )
+            lowrank.rewrite(graph, layer, fact)
+    timings["solve_and_rewrite"] = time.perf_counter() - t0
+
+    compressed = graphs.export(graph, prepared)
+    t0 = time.perf_counter()
+    verification = verify(model, compressed, holdout, options.threads)
+    timings["verify"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - start
+
+    table = []
+    for layer in layers:
+        if layer.name in results:
+            table.append(results[layer.name])
+        else:
+            table.append(LayerResult(layer.name, layer.op, _shape_text(layer), layer.macs or 0, layer.macs or 0,
+                                     layer.params, layer.params,
+                                     skipped=reasons.get(layer.name, "kept: the budget is met without it")))
+    macs_after = sum(r.macs_after for r in table)
+    return CompressionResult(
+        model=compressed, layers=table, macs_before=macs_before, macs_after=macs_after,
+        params_before=sum(r.params_before for r in table), params_after=sum(r.params_after for r in table),
+        verification=verification, preparation=preparation, timings=timings,
+        calib_samples=len(calib), holdout_samples=len(holdout), rows_per_layer=options.rows_per_layer,
+        stages=len(slices),
+    )
+
+
+def _shape_text(layer: Layer) -> str:
+    if layer.op == "Gemm":
+        return f"{layer.in_channels}->{layer.out_channels}"
+    kh, kw = layer.kernel
+    group = f" g{layer.group}" if layer.group > 1 else ""
+    stride = f" s{layer.strides[0]}" if tuple(layer.strides) != (1, 1) else ""
+    return f"{layer.in_channels}->{layer.out_channels} {kh}x{kw}{stride}{group}"

@@ -1,0 +1,99 @@
+"""Tables and JSON for `inspect` and `compress` (rich for the terminal)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from onnxopt.layers import Layer
+from onnxopt.pipeline import CompressionResult
+
+
+def human(n: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def layer_rows(layers: list[Layer], reasons: dict[str, str | None]) -> list[dict]:
+    rows = []
+    for layer in layers:
+        rows.append({
+            "name": layer.name, "op": layer.op,
+            "out_channels": layer.out_channels, "in_channels": layer.in_channels,
+            "kernel": list(layer.kernel), "stride": list(layer.strides), "group": layer.group,
+            "output_hw": list(layer.output_hw) if layer.output_hw else None,
+            "macs": layer.macs, "params": layer.params, "activation": layer.activation,
+            "lowrank": reasons[layer.name] is None, "lowrank_reason": reasons[layer.name],
+        })
+    return rows
+
+
+def inspect_table(rows: list[dict], title: str) -> Table:
+    table = Table(title=title, show_lines=False)
+    for column in ("layer", "op", "shape (in->out kxk)", "stride", "group", "out HxW", "MACs", "params", "lowrank"):
+        table.add_column(column, justify="right" if column in ("MACs", "params") else "left")
+    for row in rows:
+        kernel = "x".join(map(str, row["kernel"]))
+        table.add_row(
+            row["name"], row["op"], f"{row['in_channels']}->{row['out_channels']} {kernel}",
+            "x".join(map(str, row["stride"])), str(row["group"]),
+            "x".join(map(str, row["output_hw"])) if row["output_hw"] else "?",
+            human(row["macs"]) if row["macs"] is not None else "?", human(row["params"]),
+            "yes" if row["lowrank"] else f"no: {row['lowrank_reason']}",
+        )
+    total_macs = sum(r["macs"] or 0 for r in rows)
+    table.add_section()
+    table.add_row("total", "", f"{len(rows)} layers", "", "", "", human(total_macs), human(sum(r["params"] for r in rows)),
+                  f"{sum(r['lowrank'] for r in rows)} factorable")
+    return table
+
+
+def compress_tables(result: CompressionResult) -> list[Table]:
+    layers = Table(title="Per layer")
+    for column in ("layer", "shape", "rank", "solver", "MACs before", "MACs after", "resp. err before", "resp. err after"):
+        layers.add_column(column, justify="left" if column in ("layer", "shape", "solver") else "right")
+    for row in result.layers:
+        if row.rank is None:
+            layers.add_row(row.name, row.shape, "-", row.skipped or "", human(row.macs_before), human(row.macs_after), "", "")
+        else:
+            layers.add_row(row.name, row.shape, f"{row.rank}/{row.full_rank}", row.solver, human(row.macs_before), human(row.macs_after),
+                           f"{row.error_before:.3f}", f"{row.error_after:.3f}")
+    summary = Table(title="Before / after")
+    for column in ("", "before", "after", "ratio"):
+        summary.add_column(column, justify="right")
+    summary.add_row("MACs", human(result.macs_before), human(result.macs_after), f"{result.macs_before / max(result.macs_after, 1):.2f}x")
+    summary.add_row("params", human(result.params_before), human(result.params_after), f"{result.params_before / max(result.params_after, 1):.2f}x")
+    check = result.verification
+    summary.add_row("held-out samples", str(check.samples), "", "")
+    summary.add_row("output max |diff|", "", f"{check.max_abs_diff:.4g}", "")
+    summary.add_row("output relative L2", "", f"{check.relative_l2:.4f}", "")
+    if check.top1_agreement is not None:
+        summary.add_row("top-1 agreement", "", f"{check.top1_agreement:.2%}", "")
+    summary.add_row("time", "", f"{result.timings['total']:.1f} s", "")
+    return [layers, summary]
+
+
+def write_json(data: dict, path: Path) -> None:
+    """Write JSON atomically (temporary file in the same folder + rename)."""
+    folder = path.parent if str(path.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2, default=float)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def print_json(data: dict, console: Console | None = None) -> None:
+    print(json.dumps(data, indent=2, default=float))

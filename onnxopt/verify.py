@@ -1,0 +1,80 @@
+"""Checking a rewritten model before it is written.
+
+The output must pass the full ONNX checker (with shape inference), load in onnxruntime, keep
+the original's graph input/output names, element types and ranks, and its outputs on
+held-out inputs are compared with the original's: max absolute difference, relative L2
+error and, for (N, classes) outputs, top-1 agreement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+
+from onnxopt.calib.capture import make_session
+from onnxopt.calib.readers import DataSource
+
+
+class VerificationError(RuntimeError):
+    """The rewritten model is invalid: a bug in a pass, never the user's fault."""
+
+
+@dataclass
+class Verification:
+    samples: int
+    max_abs_diff: float
+    relative_l2: float
+    top1_agreement: float | None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _signature(values) -> list[tuple]:
+    return [(v.name, v.type.tensor_type.elem_type, len(v.type.tensor_type.shape.dim)) for v in values]
+
+
+def check_structure(original: onnx.ModelProto, compressed: onnx.ModelProto) -> None:
+    try:
+        onnx.checker.check_model(compressed, full_check=True)
+    except Exception as exc:
+        raise VerificationError(f"the rewritten model fails the ONNX checker: {exc}") from exc
+    originals = [i for i in original.graph.input if i.name not in {t.name for t in original.graph.initializer}]
+    if _signature(originals) != _signature(compressed.graph.input):
+        raise VerificationError("the rewritten model's inputs differ from the original's")
+    if _signature(original.graph.output) != _signature(compressed.graph.output):
+        raise VerificationError("the rewritten model's outputs differ from the original's")
+
+
+def compare_outputs(original: onnx.ModelProto, compressed: onnx.ModelProto, data: DataSource,
+                    threads: int = 0, batch_size: int = 32) -> Verification:
+    """Output difference of ``compressed`` against ``original`` on ``data``."""
+    reference = make_session(original, threads)
+    candidate = make_session(compressed, threads)
+    max_abs, err_sq, ref_sq, agree, rows, samples = 0.0, 0.0, 0.0, 0, 0, 0
+    for feeds in data.batches(batch_size):
+        expected = reference.run(None, feeds)
+        got = candidate.run(None, feeds)
+        samples += len(next(iter(feeds.values())))
+        for e, g in zip(expected, got):
+            e64, g64 = np.asarray(e, np.float64), np.asarray(g, np.float64)
+            max_abs = max(max_abs, float(np.abs(e64 - g64).max(initial=0.0)))
+            err_sq += float(np.square(e64 - g64).sum())
+            ref_sq += float(np.square(e64).sum())
+        first_e, first_g = expected[0], got[0]
+        if first_e.ndim == 2 and first_e.shape[1] > 1:
+            agree += int((first_e.argmax(1) == first_g.argmax(1)).sum())
+            rows += first_e.shape[0]
+    return Verification(
+        samples=samples,
+        max_abs_diff=max_abs,
+        relative_l2=float(np.sqrt(err_sq / ref_sq)) if ref_sq > 0 else 0.0,
+        top1_agreement=agree / rows if rows else None,
+    )
+
+
+def verify(original: onnx.ModelProto, compressed: onnx.ModelProto, data: DataSource, threads: int = 0) -> Verification:
+    check_structure(original, compressed)
+    return compare_outputs(original, compressed, data, threads)
