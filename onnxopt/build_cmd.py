@@ -97,7 +97,7 @@ def _tuning_table(report) -> Table:
     table = Table(title=f"tuning: {report.trials_run} trials in {report.seconds:.0f} s"
                         + (f" ({report.seconds_per_trial:.1f} s/trial)" if report.seconds_per_trial else "")
                         + f", runner {report.runner}")
-    table.add_column("task")
+    table.add_column("task", overflow="fold")
     table.add_column("weight", justify="right")
     table.add_column("trials (this run)", justify="right")
     table.add_column("trials (database)", justify="right")
@@ -176,7 +176,8 @@ def build(
     for warning in result.warnings:
         console.print(Panel(warning, title="warning", border_style="bold yellow"), highlight=False)
     shapes_text = ", ".join(f"{i.name}{list(i.shape)}" for i in result.inputs)
-    tuned = f"tuned (database {result.manifest['tuning_database']})" if result.tuned else "UNTUNED"
+    tuned = (f"tuned: {result.manifest['tuned_kernels']}/{result.manifest['kernels']} kernels from {result.manifest['tuning_database']}"
+             if result.tuned else "UNTUNED")
     out_console.print(f"built {result.library} for {result.target.name} ({result.target.kind}), {shapes_text}, {tuned}",
                       highlight=False, soft_wrap=True)
     out_console.print(f"manifest {result.manifest_path}", highlight=False, soft_wrap=True)

@@ -29,6 +29,9 @@ class Layer:
     output_hw: tuple[int, int] | None = (1, 1)
     activation: str = "linear"    # "relu" when the layer's only consumer is Relu / Clip(0, x)
     unsupported: str | None = None
+    # Residual: the layer's only consumer is Add(layer, shortcut); `activation` then describes
+    # what follows the Add. Passes reconstruct the Add's output, absorbing the shortcut's error.
+    shortcut: gs.Variable | None = field(default=None, repr=False)
 
     @property
     def macs(self) -> int | None:
@@ -87,6 +90,27 @@ def gemm_weight_and_bias(node: gs.Node) -> tuple[np.ndarray, np.ndarray]:
     return weight.astype(np.float32), np.array(bias, np.float32)
 
 
+def _same_static_shape(a, b) -> bool:
+    """Shapes that can be equal: same rank (when known) and equal where both dims are static."""
+    if a is None or b is None:
+        return True
+    return len(a) == len(b) and all(x == y for x, y in zip(a, b) if isinstance(x, int) and isinstance(y, int))
+
+
+def _residual_shortcut(node: gs.Node, graph_outputs: set[str]) -> gs.Variable | None:
+    """The other operand of ``Add(node output, shortcut)`` when that Add is the only consumer."""
+    out = node.outputs[0]
+    if out.name in graph_outputs or len(out.outputs) != 1:
+        return None
+    add = out.outputs[0]
+    if add.op != "Add" or len(add.inputs) != 2:
+        return None
+    other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
+    if isinstance(other, gs.Constant) or other is out or not _same_static_shape(other.shape, out.shape):
+        return None
+    return other
+
+
 def _activation_of(node: gs.Node, graph_outputs: set[str]) -> str:
     out = node.outputs[0]
     if out.name in graph_outputs or len(out.outputs) != 1:
@@ -125,7 +149,10 @@ def _conv_layer(node: gs.Node, graph_outputs: set[str]) -> Layer:
         dilations=tuple(node.attrs.get("dilations", [1, 1])),
         group=group, output_hw=output_hw,
         activation=_activation_of(node, graph_outputs),
+        shortcut=_residual_shortcut(node, graph_outputs),
     )
+    if layer.shortcut is not None:
+        layer.activation = _activation_of(node.outputs[0].outputs[0], graph_outputs)
     if node.attrs.get("auto_pad", "NOTSET") != "NOTSET":
         layer.unsupported = "auto_pad with dynamic spatial dims (give static input sizes)"
     elif output_hw is None:

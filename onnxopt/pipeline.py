@@ -4,11 +4,12 @@
 2. Run the ORIGINAL model once over the calibration set: at a few sampled output positions
    per image, keep each candidate layer's responses (the targets ``y``).
 3. Allocate ranks under the MAC budget (``passes.allocation``) from the energy spectra.
-4. Compress in ``stages`` (topological slices of the chosen layers). Before each stage the
-   CURRENT model (earlier stages already rewritten) is run, cut to the stage's layers, and
+4. Compress layer by layer in topological order (or in ``stages``, slices of the chosen
+   layers). Before each stage the CURRENT model (earlier stages already rewritten) is run
+   from stored values at a graph cut just before the stage (``calib.capture.CutRunner``), and
    the same positions give ``yhat``, the original weights' responses on current inputs: the
-   asymmetric formulation, so errors do not accumulate. With one stage per layer this is
-   exact layer-by-layer; fewer stages trade a little of that for fewer model runs.
+   asymmetric formulation, so errors do not accumulate. Moving the cut forward after each
+   stage makes the whole walk cost about two model runs, not one per layer.
 5. Verify (``verify``) and return the model; the caller writes it atomically.
 """
 
@@ -24,7 +25,7 @@ import numpy as np
 import onnx
 
 from onnxopt import graph as graphs
-from onnxopt.calib.capture import ActivationReader
+from onnxopt.calib.capture import CutRunner, cut_before
 from onnxopt.calib.readers import DataSource
 from onnxopt.calib.stats import RowSample, responses_at, sample_positions
 from onnxopt.errors import UserError
@@ -33,6 +34,7 @@ from onnxopt.passes import allocation, lowrank
 from onnxopt.verify import Verification, verify
 
 Progress = Callable[[str, int, int], None]
+SHORTCUT = "/shortcut"
 
 
 @dataclass
@@ -41,8 +43,9 @@ class CompressOptions:
     method: str = "lowrank"
     exclude: list[str] = field(default_factory=list)
     seed: int = 0
-    rows_per_layer: int = 32768
-    stages: int = 0                 # 0: automatic
+    rows_per_layer: int = 16384
+    stages: int = 0                 # 0: one per compressed layer (exact asymmetric inputs)
+    memory_budget: int = 2 * 2**30  # bytes of stored activations at a graph cut
     rank_multiple: int = 4
     threads: int = 0
 
@@ -115,34 +118,40 @@ def _layer_seed(seed: int, name: str) -> int:
 
 
 class ResponseSampler:
-    """Sampled responses of chosen layers over a data source, same positions on every run."""
+    """Sampled responses of chosen layers, at the same positions on every run.
+
+    Positions come from a generator seeded by (seed, layer name, batch index), so the
+    original and the current model are sampled at the same output positions.
+    """
 
     def __init__(self, data: DataSource, layers: list[Layer], rows_per_layer: int, seed: int):
-        self.data = data
         self.rows_per_layer = rows_per_layer
         self.seed = seed
-        self.per_image = {
-            layer.name: max(1, math.ceil(rows_per_layer / len(data))) for layer in layers
-        }
+        self.samples = len(data)
+        self.per_image = max(1, math.ceil(rows_per_layer / len(data)))
         self.batch_size = _batch_size(_per_sample_floats(layers))
 
-    def collect(self, model: onnx.ModelProto, layers: list[Layer], threads: int,
+    def collect(self, model: onnx.ModelProto, layers: list[Layer], runner: CutRunner,
                 progress: Progress | None = None, label: str = "") -> dict[str, np.ndarray]:
-        reader = ActivationReader(model, [layer.output.name for layer in layers], threads)
+        """Rows of each layer's output, and of its residual shortcut (key ``name + SHORTCUT``)."""
+        names = [layer.output.name for layer in layers] + [layer.shortcut.name for layer in layers if layer.shortcut is not None]
         samples = {layer.name: RowSample(self.rows_per_layer) for layer in layers}
+        samples.update({layer.name + SHORTCUT: RowSample(self.rows_per_layer) for layer in layers if layer.shortcut is not None})
         done = 0
-        for batch_index, outputs in enumerate(reader.stream(self.data.batches(self.batch_size))):
+        for batch_index, outputs in runner.run(model, names):
             for layer in layers:
                 out = outputs[layer.output.name]
                 if out.ndim == 4:
-                    positions = sample_positions(out.shape[0], out.shape[2], out.shape[3], self.per_image[layer.name],
+                    positions = sample_positions(out.shape[0], out.shape[2], out.shape[3], self.per_image,
                                                  (_layer_seed(self.seed, layer.name), batch_index))
                     samples[layer.name].add(responses_at(out, positions))
+                    if layer.shortcut is not None:
+                        samples[layer.name + SHORTCUT].add(responses_at(outputs[layer.shortcut.name], positions))
                 else:
                     samples[layer.name].add(out.reshape(out.shape[0], -1))
-            done += len(next(iter(outputs.values())))
+            done += len(out)
             if progress:
-                progress(label, done, len(self.data))
+                progress(label, done, self.samples)
         return {name: sample.array() for name, sample in samples.items()}
 
 
@@ -207,7 +216,8 @@ def compress(model: onnx.ModelProto, calib: DataSource, holdout: DataSource, opt
 
     sampler = ResponseSampler(calib, candidates, options.rows_per_layer, options.seed)
     t0 = time.perf_counter()
-    targets = sampler.collect(prepared, candidates, options.threads, progress, "original model")
+    samples = list(calib.batches(sampler.batch_size))           # decoded once, reused by every run
+    targets = sampler.collect(prepared, candidates, CutRunner(samples, options.threads), progress, "original model")
     timings["capture_original"] = time.perf_counter() - t0
 
     spectra = {}
@@ -225,25 +235,30 @@ def compress(model: onnx.ModelProto, calib: DataSource, holdout: DataSource, opt
     ranks = {layer.name: opts[k].value for layer, opts, k in zip(candidates, layer_options, choice)}
     chosen = [layer for layer in candidates if ranks[layer.name] is not None]
 
-    stages = options.stages or min(len(chosen), 12)
     results: dict[str, LayerResult] = {}
     t0 = time.perf_counter()
-    slices = _stage_slices(len(chosen), stages) if chosen else []
+    slices = _stage_slices(len(chosen), options.stages or len(chosen)) if chosen else []
+    runner = CutRunner(samples, options.threads, options.memory_budget)
     for number, part in enumerate(slices, 1):
         stage_layers = chosen[part]
         current = graphs.export(graph, prepared)
-        yhats = sampler.collect(current, stage_layers, options.threads, progress, f"stage {number}/{len(slices)}")
+        runner.advance(current, cut_before(graph, stage_layers[0].node))
+        yhats = sampler.collect(current, stage_layers, runner, progress, f"layer {part.start + 1}/{len(chosen)}")
         for layer in stage_layers:
             yhat = yhats[layer.name].astype(np.float64)
             target = targets[layer.name].astype(np.float64)
-            fact = lowrank.solve(layer, yhat, target, ranks[layer.name])
+            offset = None
+            if layer.shortcut is not None:      # reconstruct the Add's output
+                target = target + targets[layer.name + SHORTCUT]
+                offset = yhats[layer.name + SHORTCUT].astype(np.float64)
+            fact = lowrank.solve(layer, yhat, target, ranks[layer.name], offset)
             relu = layer.activation == "relu"
             results[layer.name] = LayerResult(
                 layer.name, layer.op, _shape_text(layer), layer.macs, lowrank.decomposed_macs(layer, fact.rank),
                 layer.params, fact.rank * (layer.in_channels * layer.kernel[0] * layer.kernel[1] + layer.out_channels) + layer.out_channels,
                 rank=fact.rank, full_rank=layer.out_channels, solver=fact.solver,
-                error_before=_relative_error(yhat, target, relu),
-                error_after=_relative_error(fact.apply(yhat), target, relu),
+                error_before=_relative_error(yhat + (0 if offset is None else offset), target, relu),
+                error_after=_relative_error(fact.apply(yhat) + (0 if offset is None else offset), target, relu),
             )
             lowrank.rewrite(graph, layer, fact)
     timings["solve_and_rewrite"] = time.perf_counter() - t0

@@ -37,15 +37,16 @@ Load it with ``tvm.runtime.load_module("OUT/model.so")`` and
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import hashlib
 import inspect as _inspect
 import json
+import logging
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -129,7 +130,7 @@ _ARMV7 = {"kind": "llvm", "mtriple": "armv7a-linux-gnueabihf", "mattr": ["+neon"
 
 
 def _arm64(mcpu: str | None = None, cores: int | None = None) -> dict:
-    target = dict(_AARCH64)
+    target = copy.deepcopy(_AARCH64)
     if mcpu:
         target["mcpu"] = mcpu
     if cores:
@@ -141,7 +142,7 @@ def _arm64(mcpu: str | None = None, cores: int | None = None) -> dict:
 _PRESETS: dict[str, tuple[str, Callable[[str | None], tuple[dict, dict | None]]]] = {
     "x86": ("this machine's x86-64 CPU (LLVM detects -mcpu)", lambda _arch: (_host_target(), None)),
     "aarch64": ("generic 64-bit ARM Linux (NEON)", lambda _arch: (_arm64(), None)),
-    "armv7": ("32-bit ARMv7-A Linux, hard float, NEON/VFPv4", lambda _arch: (dict(_ARMV7), None)),
+    "armv7": ("32-bit ARMv7-A Linux, hard float, NEON/VFPv4", lambda _arch: (copy.deepcopy(_ARMV7), None)),
     "rpi3": ("Raspberry Pi 3, 64-bit OS (Cortex-A53 x4)", lambda _arch: (_arm64("cortex-a53", 4), None)),
     "rpi4": ("Raspberry Pi 4, 64-bit OS (Cortex-A72 x4)", lambda _arch: (_arm64("cortex-a72", 4), None)),
     "rpi5": ("Raspberry Pi 5, 64-bit OS (Cortex-A76 x4)", lambda _arch: (_arm64("cortex-a76", 4), None)),
@@ -737,6 +738,9 @@ def tune(mod, choice: TargetChoice, tune_dir: str | Path, trials_per_task: int, 
 def _tune_tasks(ms, extracted, target, tune_dir: Path, trials_per_task: int, builder, rpc: RpcConfig | None,
                 on_event: EventSink, seed: int | None, start: float) -> TuningReport:
     _import_tensor_intrin_here()
+    # meta_schedule prints every scheduler table to stdout at the level of this logger; keep the
+    # console to warnings (the full logs still go to TUNE_DIR/logs/).
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
         extracted_tasks=extracted, work_dir=str(tune_dir), seed=seed,
         strategy=ms.search_strategy.EvolutionarySearch(population_size=_population_size(trials_per_task)))
@@ -773,8 +777,15 @@ def _tune_tasks(ms, extracted, target, tune_dir: Path, trials_per_task: int, bui
 
 
 def _check_tracker(rpc: RpcConfig) -> None:
+    import socket  # noqa: PLC0415
+
     from tvm import rpc as tvm_rpc  # noqa: PLC0415
 
+    try:  # TVM's own client retries a refused connection for 60 s; fail fast instead
+        socket.create_connection((rpc.host, rpc.port), timeout=10).close()
+    except OSError as exc:
+        raise UserError(f"cannot reach the TVM RPC tracker at {rpc.host}:{rpc.port} ({exc.strerror or exc}); "
+                        "start it with: python -m tvm.exec.rpc_tracker --host HOST --port PORT") from exc
     try:
         tracker = tvm_rpc.connect_tracker(rpc.host, rpc.port)
         summary = tracker.summary()
@@ -872,7 +883,17 @@ def compile_model(
         on_event("stage", {"name": "tune"})
         report = tune(mod, choice, tune_dir, tune_trials, rpc=rpc, on_event=on_event)
         seconds["tune"] = time.perf_counter() - clock
-    tuned = tune_dir is not None and has_database(tune_dir)
+    tuned_kernels, all_kernels = 0, _kernel_counts(mod)[1]
+    if tune_dir is not None and has_database(tune_dir):
+        mod = _apply_database(mod, target, tune_dir)
+        tuned_kernels = _kernel_counts(mod)[0]
+        if tuned_kernels == 0:
+            warnings.append(f"the tuning database in {tune_dir} has no records for this model's kernels on this target; "
+                            "the build is untuned")
+        elif tuned_kernels < all_kernels:
+            warnings.append(f"only {tuned_kernels} of {all_kernels} kernels have tuned schedules in {tune_dir}; "
+                            "the rest use default schedules (tune more with --tune-trials N)")
+    tuned = tuned_kernels > 0
     if not tuned:
         if choice.kind == "cuda":
             warnings.append("untuned CUDA build: kernels use DLight's default GPU schedules; for tuned kernels run "
@@ -886,7 +907,7 @@ def compile_model(
 
     clock = time.perf_counter()
     on_event("stage", {"name": "compile"})
-    executable = _compile(mod, target, tune_dir if tuned else None)
+    executable = _compile(mod, target)
     seconds["compile"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -917,6 +938,8 @@ def compile_model(
             "inputs": [s.to_json() for s in specs],
             "outputs": _output_specs(model),
             "tuned": tuned,
+            "tuned_kernels": tuned_kernels,
+            "kernels": all_kernels,
             "tuning_database": str(Path(tune_dir).resolve()) if tuned else None,
             "tuning": report.to_json() if report else None,
             "tvm_version": str(tvm.__version__),
@@ -941,13 +964,23 @@ def _check_not_inside(out_dir: Path, tune_dir: str | Path | None) -> None:
         raise UserError(f"--tune-dir {tune_dir} is inside the output directory {out_dir}, which is replaced on every build; keep it outside")
 
 
-def _compile(mod, target, tune_dir: str | Path | None):
+def _kernel_counts(mod) -> tuple[int, int]:
+    """(kernels with a schedule, all kernels) of a lowered module."""
     tvm = require_tvm()
+    kernels = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    scheduled = [f for f in kernels if f.attrs is not None and bool(f.attrs.get("tirx.is_scheduled", False))]
+    return len(scheduled), len(kernels)
+
+
+def _apply_database(mod, target, tune_dir: str | Path):
     from tvm import relax  # noqa: PLC0415
 
-    if tune_dir is not None:
-        with target:
-            mod = relax.transform.MetaScheduleApplyDatabase(str(Path(tune_dir).resolve()))(mod)
+    with target:
+        return relax.transform.MetaScheduleApplyDatabase(str(Path(tune_dir).resolve()))(mod)
+
+
+def _compile(mod, target):
+    tvm = require_tvm()
     try:
         return tvm.compile(mod, target=target)
     except Exception as exc:

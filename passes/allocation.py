@@ -33,13 +33,17 @@ def allocate(options: list[list[Option]], budget: float, bins: int = 4000) -> li
         return []
     if budget < 0:
         return None
-    unit = budget / bins if budget > 0 else 1.0
+    integral = all(float(o.cost).is_integer() for layer in options for o in layer)
+    if integral and budget <= bins:
+        unit, bins = 1.0, int(np.floor(budget))        # integer costs (MACs): exact
+    else:
+        unit = budget / bins if budget > 0 else 1.0
     best = np.zeros(bins + 1)                       # best[b]: least damage using <= b units
     choices = np.zeros((len(options), bins + 1), np.int32)
     for index, layer_options in enumerate(options):
         new = np.full(bins + 1, np.inf)
         for k, option in enumerate(layer_options):
-            units = int(np.ceil(option.cost / unit - 1e-9)) if option.cost > 0 else 0
+            units = _units(option.cost, unit)
             if units > bins:
                 continue
             candidate = np.full(bins + 1, np.inf)
@@ -56,8 +60,13 @@ def allocate(options: list[list[Option]], budget: float, bins: int = 4000) -> li
         k = int(choices[index, remaining])
         picked.append(k)
         option = options[index][k]
-        remaining -= int(np.ceil(option.cost / unit - 1e-9)) if option.cost > 0 else 0
+        remaining -= _units(option.cost, unit)
     return picked[::-1]
+
+
+def _units(cost: float, unit: float) -> int:
+    """Cost in whole units, rounded up (a relative slack absorbs float error)."""
+    return int(np.ceil(cost / unit * (1 - 1e-12))) if cost > 0 else 0
 
 
 def energy_damage(eigenvalues: np.ndarray, rank: int) -> float:

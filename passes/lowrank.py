@@ -114,16 +114,22 @@ def solve_linear(yhat: np.ndarray, target: np.ndarray, rank: int) -> Factorizati
     return Factorization(project, basis, bias, "linear")
 
 
-def relu_objective(fact: Factorization, yhat: np.ndarray, target: np.ndarray) -> float:
-    approx = np.maximum(fact.apply(yhat), 0)
+def relu_objective(fact: Factorization, yhat: np.ndarray, target: np.ndarray, offset: np.ndarray | None = None) -> float:
+    approx = np.maximum(fact.apply(yhat) + (0 if offset is None else offset), 0)
     return float(np.square(np.maximum(target, 0) - approx).sum())
 
 
-def solve_relu(yhat: np.ndarray, target: np.ndarray, rank: int, schedule=NONLINEAR_SCHEDULE) -> Factorization:
-    """ReLU-aware asymmetric decomposition (Zhang et al., alternating over auxiliary ``u``)."""
+def solve_relu(yhat: np.ndarray, target: np.ndarray, rank: int, offset: np.ndarray | None = None,
+               schedule=NONLINEAR_SCHEDULE) -> Factorization:
+    """ReLU-aware asymmetric decomposition (Zhang et al., alternating over auxiliary ``u``).
+
+    With ``offset`` (a residual shortcut's current value, added before the ReLU) the objective
+    is ``||r(target) - r(yhat M + b + offset)||^2``; ``target`` is then the original Add output.
+    """
     yhat = np.asarray(yhat, np.float64)
     target = np.asarray(target, np.float64)
-    linear = solve_linear(yhat, target, rank)
+    offset32 = None if offset is None else np.asarray(offset, np.float32)
+    linear = solve_linear(yhat, target if offset is None else target - offset, rank)
     relu_target = np.maximum(target, 0)
     mean_hat = yhat.mean(0)
     centred = yhat - mean_hat
@@ -145,7 +151,9 @@ def solve_relu(yhat: np.ndarray, target: np.ndarray, rank: int, schedule=NONLINE
             l_small, s_small, r_small = np.linalg.svd(coords.astype(np.float64), full_matrices=False)
             low_rank = (l_small[:, :rank] * s_small[:rank]) @ r_small[:rank]  # (k, d), rank r
             fitted = left32 @ low_rank.astype(np.float32)
-            fitted += mu_aux                                # f = G T + mu_u
+            fitted += mu_aux                                # f = G T + mu_u (+ offset)
+            if offset32 is not None:
+                fitted += offset32
             # u <= 0: u = f if f < 0 else 0, cost z^2 + lam max(f, 0)^2
             # u >= 0: u = max((lam f + z) / (lam + 1), 0), cost lam (f - z)^2 / (lam + 1) unclipped
             u_pos = np.maximum((lam * fitted + relu_target) / (lam + 1), 0)
@@ -153,6 +161,8 @@ def solve_relu(yhat: np.ndarray, target: np.ndarray, rank: int, schedule=NONLINE
             cost_pos = np.where(clipped, target_sq + lam * fitted ** 2, (lam / (lam + 1)) * (fitted - relu_target) ** 2)
             cost_neg = target_sq + lam * np.maximum(fitted, 0) ** 2
             aux = np.where(cost_neg <= cost_pos, np.minimum(fitted, 0), u_pos)
+            if offset32 is not None:
+                aux -= offset32
             mu_aux = aux.mean(0)
             aux -= mu_aux
     low_rank = low_rank.astype(np.float64)
@@ -164,15 +174,21 @@ def solve_relu(yhat: np.ndarray, target: np.ndarray, rank: int, schedule=NONLINE
     expand = (s_t[:rank, None] * v_t[:rank]).T
     bias = mu_aux - mean_hat @ transform
     nonlinear = Factorization(project, expand, bias, "relu")
-    if relu_objective(nonlinear, yhat, target) < relu_objective(linear, yhat, target):
+    if relu_objective(nonlinear, yhat, target, offset) < relu_objective(linear, yhat, target, offset):
         return nonlinear
     return linear
 
 
-def solve(layer: Layer, yhat: np.ndarray, target: np.ndarray, rank: int) -> Factorization:
+def solve(layer: Layer, yhat: np.ndarray, target: np.ndarray, rank: int, offset: np.ndarray | None = None) -> Factorization:
+    """Factorise ``layer``: responses ``yhat`` on current inputs, ``target`` the original output.
+
+    For a residual layer, ``target`` is the original Add output and ``offset`` the current
+    shortcut, so the factorised branch also absorbs the shortcut's accumulated error
+    (He et al. 2017, multi-branch reconstruction).
+    """
     if layer.activation == "relu":
-        return solve_relu(yhat, target, rank)
-    return solve_linear(yhat, target, rank)
+        return solve_relu(yhat, target, rank, offset)
+    return solve_linear(yhat, target if offset is None else target - offset, rank)
 
 
 # ---------------------------------------------------------------------------- rewrite

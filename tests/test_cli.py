@@ -1,0 +1,141 @@
+"""The command line: a small model end to end, and one-line errors with exit code 2."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+
+from conftest import run, shared_path
+
+
+def onnxopt(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "onnxopt", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def assert_user_error(result, *fragments):
+    assert result.returncode == 2, result.stderr + result.stdout
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_compress_small_model_end_to_end(tmp_path, small_model_file, small_calib_file):
+    out = tmp_path / "out.onnx"
+    report = tmp_path / "report.json"
+    result = onnxopt("compress", small_model_file, "-o", out, "--speedup", "1.5", "--calib", small_calib_file,
+                     "--calib-size", "64", "--report", report)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(report.read_text())
+    assert data["macs_after"] * 1.5 <= data["macs_before"]
+    assert data["verification"]["samples"] > 0
+    model = onnx.load(out)
+    onnx.checker.check_model(model, full_check=True)
+    original = onnx.load(small_model_file)
+    assert [i.name for i in model.graph.input] == [i.name for i in original.graph.input]
+    assert [o.name for o in model.graph.output] == [o.name for o in original.graph.output]
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+    x = np.random.default_rng(5).standard_normal((2, 3, 12, 12)).astype(np.float32)
+    assert run(model, {"x": x})[0].shape == (2, 10)
+
+
+def test_inspect_json(small_model_file):
+    result = onnxopt("inspect", small_model_file, "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    names = [row["name"] for row in data["layers"]]
+    assert names == ["stem", "block.conv1", "block.conv2", "down", "fc"]
+    assert data["preparation"]["batchnorms_folded"] == 1
+    assert data["total_macs"] == sum(row["macs"] for row in data["layers"])
+
+
+def test_missing_file(tmp_path, small_calib_file):
+    result = onnxopt("compress", tmp_path / "nope.onnx", "-o", tmp_path / "o.onnx", "--speedup", "2", "--calib", small_calib_file)
+    assert_user_error(result, "no such file")
+
+
+def test_not_onnx(tmp_path, small_calib_file):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"this is not a protobuf \x00\xff\xfe" * 10)
+    out = tmp_path / "o.onnx"
+    result = onnxopt("compress", bad, "-o", out, "--speedup", "2", "--calib", small_calib_file)
+    assert_user_error(result, "bad.onnx")
+    assert not out.exists()
+
+
+def test_truncated_model(tmp_path, small_model_file, small_calib_file):
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(small_model_file.read_bytes()[:500])
+    result = onnxopt("inspect", cut)
+    assert_user_error(result, "cut.onnx")
+
+
+def test_calibration_folder_without_images(tmp_path, small_model_file):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    result = onnxopt("compress", small_model_file, "-o", tmp_path / "o.onnx", "--speedup", "2", "--calib", empty)
+    assert_user_error(result, "no images")
+
+
+def test_preset_shape_mismatch(tmp_path, small_model_file):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(images / "a.png")
+    result = onnxopt("compress", small_model_file, "-o", tmp_path / "o.onnx", "--speedup", "2", "--calib", images, "--preset", "cifar10")
+    assert_user_error(result, "32x32", "12x12")
+
+
+@pytest.mark.parametrize("speedup", ["1", "0.5", "-3"])
+def test_speedup_not_above_one(tmp_path, small_model_file, small_calib_file, speedup):
+    result = onnxopt("compress", small_model_file, "-o", tmp_path / "o.onnx", "--speedup", speedup, "--calib", small_calib_file)
+    assert_user_error(result, "--speedup")
+
+
+def test_output_equal_to_input(small_model_file, small_calib_file):
+    before = small_model_file.read_bytes()
+    result = onnxopt("compress", small_model_file, "-o", small_model_file, "--speedup", "2", "--calib", small_calib_file)
+    assert_user_error(result, "input")
+    assert small_model_file.read_bytes() == before
+
+
+def test_calibration_array_with_wrong_shape_or_nan(tmp_path, small_model_file):
+    wrong = tmp_path / "wrong.npy"
+    np.save(wrong, np.zeros((8, 3, 10, 10), np.float32))
+    assert_user_error(onnxopt("compress", small_model_file, "-o", tmp_path / "o.onnx", "--speedup", "2", "--calib", wrong), "shape")
+    nan = tmp_path / "nan.npy"
+    data = np.zeros((8, 3, 12, 12), np.float32)
+    data[0, 0, 0, 0] = np.nan
+    np.save(nan, data)
+    assert_user_error(onnxopt("compress", small_model_file, "-o", tmp_path / "o.onnx", "--speedup", "2", "--calib", nan), "NaN")
+
+
+def test_speedup_out_of_reach(tmp_path, small_model_file, small_calib_file):
+    out = tmp_path / "o.onnx"
+    result = onnxopt("compress", small_model_file, "-o", out, "--speedup", "50", "--calib", small_calib_file)
+    assert_user_error(result, "out of reach")
+    assert not out.exists()
+
+
+def test_resnet20_compress_and_eval_on_real_images(tmp_path):
+    """ResNet-20 at 1.3x, calibrated on 300 training images: accuracy on 1,000 test images holds."""
+    model = shared_path("models/cifar10_resnet20.onnx")
+    train = shared_path("data/cifar10/train")
+    test = shared_path("data/cifar10/test")
+    out = tmp_path / "r20.onnx"
+    result = onnxopt("compress", model, "-o", out, "--speedup", "1.3", "--calib", train, "--preset", "cifar10",
+                     "--calib-size", "300", "--rows-per-layer", "4096")
+    assert result.returncode == 0, result.stderr
+    accuracy = {}
+    for name, path in (("before", model), ("after", out)):
+        evaluated = onnxopt("eval", path, "--data", test, "--preset", "cifar10", "--limit", "1000", "--json")
+        assert evaluated.returncode == 0, evaluated.stderr
+        accuracy[name] = json.loads(evaluated.stdout)
+    assert accuracy["before"]["n"] == 1000
+    assert accuracy["before"]["top1"] > 0.75
+    assert accuracy["after"]["top1"] > accuracy["before"]["top1"] - 0.05

@@ -1,0 +1,93 @@
+"""Zhang et al. low-rank factorisation: solvers against references, rewrite exact at full rank."""
+
+import numpy as np
+import pytest
+import scipy.optimize
+
+from conftest import run, small_cnn
+from onnxopt.graph import export, import_graph, prepare
+from onnxopt.layers import find_layers
+from onnxopt.passes import lowrank
+
+
+def _objective(yhat, target, project, expand, bias):
+    return float(np.square(target - (yhat @ project @ expand.T + bias)).sum())
+
+
+def test_reduced_rank_regression_matches_brute_force():
+    rng = np.random.default_rng(0)
+    n, d, rank = 60, 4, 2
+    yhat = rng.standard_normal((n, d)) @ rng.standard_normal((d, d))
+    target = yhat @ rng.standard_normal((d, d)) + 0.3 * rng.standard_normal((n, d)) + 1.0
+    fact = lowrank.solve_linear(yhat, target, rank)
+    closed = _objective(yhat, target, fact.project, fact.expand, fact.bias)
+
+    def loss(theta):
+        project = theta[: d * rank].reshape(d, rank)
+        expand = theta[d * rank: 2 * d * rank].reshape(d, rank)
+        bias = theta[2 * d * rank:]
+        return _objective(yhat, target, project, expand, bias)
+
+    found = min(scipy.optimize.minimize(loss, rng.standard_normal(2 * d * rank + d), method="BFGS").fun for _ in range(8))
+    assert closed <= found + 1e-6
+    assert closed == pytest.approx(found, rel=1e-4)
+
+
+def test_linear_solver_is_pca_without_asymmetry():
+    rng = np.random.default_rng(1)
+    y = rng.standard_normal((400, 6)) @ rng.standard_normal((6, 6))
+    fact = lowrank.solve_linear(y, y, 3)
+    centred = y - y.mean(0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    pca = centred @ vt[:3].T @ vt[:3] + y.mean(0)
+    np.testing.assert_allclose(fact.apply(y), pca, atol=1e-4)  # up to the 1e-6 ridge
+
+
+def test_relu_solver_beats_linear_on_relu_objective():
+    rng = np.random.default_rng(2)
+    n, d, rank = 3000, 16, 6
+    yhat = rng.standard_normal((n, d)) @ rng.standard_normal((d, d))
+    target = yhat + 0.5 * rng.standard_normal((n, d)) - 1.0
+    linear = lowrank.solve_linear(yhat, target, rank)
+    relu = lowrank.solve_relu(yhat, target, rank)
+    assert relu.solver == "relu"
+    assert lowrank.relu_objective(relu, yhat, target) < 0.95 * lowrank.relu_objective(linear, yhat, target)
+
+
+def test_relu_solver_with_residual_offset():
+    rng = np.random.default_rng(3)
+    n, d, rank = 2000, 8, 4
+    yhat = rng.standard_normal((n, d))
+    shortcut = rng.standard_normal((n, d))
+    target = yhat @ rng.standard_normal((d, d)) * 0.3 + shortcut
+    fact = lowrank.solve_relu(yhat, target, rank, offset=shortcut)
+    without = lowrank.solve_relu(yhat, target, rank)
+    assert lowrank.relu_objective(fact, yhat, target, shortcut) < lowrank.relu_objective(without, yhat, target, shortcut)
+
+
+def test_rewrite_at_full_rank_is_exact_through_onnxruntime():
+    model, _ = prepare(small_cnn())
+    graph = import_graph(model)
+    rng = np.random.default_rng(0)
+    for layer in find_layers(graph):
+        rows = rng.standard_normal((4000, layer.out_channels))           # well conditioned: ridge negligible
+        fact = lowrank.solve_linear(rows, rows, layer.out_channels)   # identity map at full rank
+        lowrank.rewrite(graph, layer, fact)
+    factored = export(graph, model)
+    ops = [n.op_type for n in factored.graph.node]
+    assert ops.count("Conv") == 8 and ops.count("Gemm") == 2
+    x = rng.standard_normal((3, 3, 12, 12)).astype(np.float32)
+    np.testing.assert_allclose(run(factored, {"x": x})[0], run(model, {"x": x})[0], rtol=1e-4, atol=1e-4)
+
+
+def test_costs_and_applicability():
+    model, _ = prepare(small_cnn())
+    layers = {layer.name: layer for layer in find_layers(import_graph(model))}
+    conv = layers["block.conv1"]                       # 16 -> 16, 3x3, 12x12 output
+    assert conv.macs == 144 * 16 * 16 * 9
+    assert lowrank.decomposed_macs(conv, 5) == 144 * (5 * 16 * 9 + 16 * 5)
+    top = lowrank.max_saving_rank(conv)
+    assert lowrank.decomposed_macs(conv, top) < conv.macs <= lowrank.decomposed_macs(conv, top + 1)
+    assert lowrank.applicability(conv) is None
+    assert conv.shortcut is None and conv.activation == "relu"
+    assert layers["block.conv2"].shortcut is not None and layers["block.conv2"].activation == "relu"
