@@ -114,6 +114,9 @@ def compress(
     stages: int = typer.Option(0, "--calib-stages", help="Re-run the compressed model this many times for asymmetric inputs (0: auto)."),
     rows: int = typer.Option(16384, "--rows-per-layer", help="Sampled response rows per layer."),
     threads: int = typer.Option(0, "--threads", help="onnxruntime threads for calibration (0: all cores)."),
+    solver: str = typer.Option("auto", "--solver", help="auto (ReLU-aware where a ReLU follows), linear, or svd (data-free baseline)."),
+    symmetric: bool = typer.Option(False, "--symmetric", help="Take layer inputs from the original model (baseline; default is asymmetric)."),
+    allocation: str = typer.Option("energy", "--allocation", help="Rank allocation under the budget: energy or uniform."),
 ) -> None:
     """Compress IN.onnx to a model with SPEEDUP times fewer MACs, calibrated on your data."""
     from onnxopt.graph import load_model, save_model_atomic
@@ -136,7 +139,8 @@ def compress(
     source = open_source(calib, inputs, prep)
     calib_data, holdout_data = split_source(source, calib_size, holdout, seed)
     options = CompressOptions(speedup=speedup, method=method, exclude=list(exclude or []), seed=seed,
-                              rows_per_layer=rows, stages=stages, threads=threads)
+                              rows_per_layer=rows, stages=stages, threads=threads, solver=solver,
+                              asymmetric=not symmetric, allocation=allocation)
     bar, progress = _progress()
     if bar:
         with bar:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+from threadpoolctl import threadpool_limits
 
 from onnxopt import graph as graphs
 from onnxopt.calib.capture import CutRunner, cut_before
@@ -35,6 +36,8 @@ from onnxopt.verify import Verification, verify
 
 Progress = Callable[[str, int, int], None]
 SHORTCUT = "/shortcut"
+SOLVERS = ("auto", "linear", "svd")
+ALLOCATIONS = ("energy", "uniform")
 
 
 @dataclass
@@ -47,6 +50,9 @@ class CompressOptions:
     stages: int = 0                 # 0: one per compressed layer (exact asymmetric inputs)
     memory_budget: int = 2 * 2**30  # bytes of stored activations at a graph cut
     rank_multiple: int = 4
+    solver: str = "auto"            # "auto" (ReLU-aware where a ReLU follows), "linear", "svd" (data-free)
+    asymmetric: bool = True         # inputs from the compressed model (False: from the original)
+    allocation: str = "energy"      # "energy" (PCA-energy product, Zhang et al.) or "uniform"
     threads: int = 0
 
 
@@ -165,6 +171,29 @@ def _rank_options(layer: Layer, eigenvalues: np.ndarray, multiple: int) -> list[
     return options
 
 
+def _uniform_choice(layers: list[Layer], layer_options: list[list[allocation.Option]], budget: float) -> list[int] | None:
+    """The same fraction of each layer's rank, the largest that meets ``budget`` (bisection)."""
+    def pick(fraction: float) -> list[int]:
+        chosen = []
+        for layer, options in zip(layers, layer_options):
+            wanted = fraction * layer.out_channels
+            ranked = [(k, o) for k, o in enumerate(options) if o.value is not None]
+            fitting = [k for k, o in ranked if o.value <= wanted]
+            chosen.append(max(fitting, key=lambda k: options[k].value) if fitting else (ranked[0][0] if ranked else 0))
+        return chosen
+
+    def cost(choice: list[int]) -> float:
+        return sum(options[k].cost for options, k in zip(layer_options, choice))
+
+    low, high = 0.0, 1.0
+    if cost(pick(low)) > budget:
+        return None
+    for _ in range(50):
+        middle = (low + high) / 2
+        low, high = (middle, high) if cost(pick(middle)) <= budget else (low, middle)
+    return pick(low)
+
+
 def _stage_slices(count: int, stages: int) -> list[slice]:
     stages = max(1, min(stages, count))
     bounds = np.linspace(0, count, stages + 1).round().astype(int)
@@ -200,6 +229,10 @@ def compress(model: onnx.ModelProto, calib: DataSource, holdout: DataSource, opt
         raise UserError(f"--speedup must be greater than 1 (got {options.speedup})")
     if options.method != "lowrank":
         raise UserError(f"unknown --method {options.method!r}; available: lowrank")
+    if options.solver not in SOLVERS:
+        raise UserError(f"unknown --solver {options.solver!r}; choose one of: {', '.join(SOLVERS)}")
+    if options.allocation not in ALLOCATIONS:
+        raise UserError(f"unknown --allocation {options.allocation!r}; choose one of: {', '.join(ALLOCATIONS)}")
     timings: dict[str, float] = {}
     start = time.perf_counter()
     prepared, preparation = graphs.prepare(model)
@@ -225,7 +258,10 @@ def compress(model: onnx.ModelProto, calib: DataSource, holdout: DataSource, opt
         rows = targets[layer.name].astype(np.float64)
         spectra[layer.name] = np.linalg.eigvalsh(np.cov(rows, rowvar=False).reshape(layer.out_channels, layer.out_channels)) if len(rows) > 1 else np.ones(layer.out_channels)
     layer_options = [_rank_options(layer, spectra[layer.name], options.rank_multiple) for layer in candidates]
-    choice = allocation.allocate(layer_options, budget)
+    if options.allocation == "uniform":
+        choice = _uniform_choice(candidates, layer_options, budget)
+    else:
+        choice = allocation.allocate(layer_options, budget)
     if choice is None:
         best = macs_before / (fixed_macs + sum(min(o.cost for o in opts) for opts in layer_options))
         raise UserError(
@@ -241,17 +277,21 @@ def compress(model: onnx.ModelProto, calib: DataSource, holdout: DataSource, opt
     runner = CutRunner(samples, options.threads, options.memory_budget)
     for number, part in enumerate(slices, 1):
         stage_layers = chosen[part]
-        current = graphs.export(graph, prepared)
-        runner.advance(current, cut_before(graph, stage_layers[0].node))
-        yhats = sampler.collect(current, stage_layers, runner, progress, f"layer {part.start + 1}/{len(chosen)}")
+        if options.asymmetric and options.solver != "svd":
+            current = graphs.export(graph, prepared)
+            runner.advance(current, cut_before(graph, stage_layers[0].node))
+            yhats = sampler.collect(current, stage_layers, runner, progress, f"layer {part.start + 1}/{len(chosen)}")
+        else:
+            yhats = targets                 # symmetric: inputs from the original model
         for layer in stage_layers:
             yhat = yhats[layer.name].astype(np.float64)
             target = targets[layer.name].astype(np.float64)
             offset = None
-            if layer.shortcut is not None:      # reconstruct the Add's output
+            if layer.shortcut is not None and yhats is not targets:   # reconstruct the Add's output
                 target = target + targets[layer.name + SHORTCUT]
                 offset = yhats[layer.name + SHORTCUT].astype(np.float64)
-            fact = lowrank.solve(layer, yhat, target, ranks[layer.name], offset)
+            with threadpool_limits(limits=1, user_api="blas"):   # small (N, d) problems: threads only contend
+                fact = lowrank.solve(layer, yhat, target, ranks[layer.name], offset, options.solver)
             relu = layer.activation == "relu"
             results[layer.name] = LayerResult(
                 layer.name, layer.op, _shape_text(layer), layer.macs, lowrank.decomposed_macs(layer, fact.rank),

@@ -114,6 +114,16 @@ def solve_linear(yhat: np.ndarray, target: np.ndarray, rank: int) -> Factorizati
     return Factorization(project, basis, bias, "linear")
 
 
+def solve_weight_svd(layer: Layer, rank: int) -> Factorization:
+    """Data-free truncated SVD of the weights (Jaderberg/Denton-style baseline):
+    ``W = U S V^T``, first layer ``U_r^T W``, second ``U_r``; the original bias is kept."""
+    weight = layer.weight_matrix().astype(np.float64)            # (d, c k^2)
+    left, _, _ = np.linalg.svd(weight, full_matrices=False)
+    basis = left[:, :rank]
+    bias = layer.bias_vector().astype(np.float64)
+    return Factorization(basis, basis, bias - (bias @ basis) @ basis.T, "svd")
+
+
 def relu_objective(fact: Factorization, yhat: np.ndarray, target: np.ndarray, offset: np.ndarray | None = None) -> float:
     approx = np.maximum(fact.apply(yhat) + (0 if offset is None else offset), 0)
     return float(np.square(np.maximum(target, 0) - approx).sum())
@@ -179,14 +189,17 @@ def solve_relu(yhat: np.ndarray, target: np.ndarray, rank: int, offset: np.ndarr
     return linear
 
 
-def solve(layer: Layer, yhat: np.ndarray, target: np.ndarray, rank: int, offset: np.ndarray | None = None) -> Factorization:
+def solve(layer: Layer, yhat: np.ndarray, target: np.ndarray, rank: int, offset: np.ndarray | None = None,
+          solver: str = "auto") -> Factorization:
     """Factorise ``layer``: responses ``yhat`` on current inputs, ``target`` the original output.
 
     For a residual layer, ``target`` is the original Add output and ``offset`` the current
     shortcut, so the factorised branch also absorbs the shortcut's accumulated error
     (He et al. 2017, multi-branch reconstruction).
     """
-    if layer.activation == "relu":
+    if solver == "svd":
+        return solve_weight_svd(layer, rank)
+    if solver == "auto" and layer.activation == "relu":
         return solve_relu(yhat, target, rank, offset)
     return solve_linear(yhat, target if offset is None else target - offset, rank)
 
