@@ -99,9 +99,9 @@ def _tuning_table(report) -> Table:
                         + f", runner {report.runner}")
     table.add_column("task", overflow="fold")
     table.add_column("weight", justify="right")
-    table.add_column("trials (this run)", justify="right")
-    table.add_column("trials (database)", justify="right")
-    table.add_column("best latency", justify="right")
+    table.add_column("trials", justify="right")
+    table.add_column("in db", justify="right")
+    table.add_column("best", justify="right")
     for task in report.tasks:
         table.add_row(task.name, str(task.weight), str(task.trials_this_run), str(task.trials),
                       f"{task.best_us:.1f} us" if task.best_us is not None else "-")

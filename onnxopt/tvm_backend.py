@@ -738,9 +738,33 @@ def tune(mod, choice: TargetChoice, tune_dir: str | Path, trials_per_task: int, 
 def _tune_tasks(ms, extracted, target, tune_dir: Path, trials_per_task: int, builder, rpc: RpcConfig | None,
                 on_event: EventSink, seed: int | None, start: float) -> TuningReport:
     _import_tensor_intrin_here()
-    # meta_schedule prints every scheduler table to stdout at the level of this logger; keep the
-    # console to warnings (the full logs still go to TUNE_DIR/logs/).
-    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+    with _quiet_meta_schedule_console():
+        return _run_tune_tasks(ms, extracted, target, tune_dir, trials_per_task, builder, rpc, on_event, seed, start)
+
+
+@contextlib.contextmanager
+def _quiet_meta_schedule_console():
+    """Keep meta_schedule's console output to warnings; its full logs go to TUNE_DIR/logs/.
+
+    meta_schedule sets its console handler to the level of the ``tvm.s_tir.meta_schedule``
+    logger and prints every scheduler table at INFO. It also re-lists the logger's handlers
+    by name when it configures logging again in the same process, and fails on a handler
+    without a name (e.g. one a test harness attached); those are detached for the run.
+    """
+    logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    nameless = [handler for handler in logger.handlers if handler.get_name() is None]
+    for handler in nameless:
+        logger.removeHandler(handler)
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for handler in nameless:
+            logger.addHandler(handler)
+
+
+def _run_tune_tasks(ms, extracted, target, tune_dir: Path, trials_per_task: int, builder, rpc: RpcConfig | None,
+                    on_event: EventSink, seed: int | None, start: float) -> TuningReport:
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
         extracted_tasks=extracted, work_dir=str(tune_dir), seed=seed,
         strategy=ms.search_strategy.EvolutionarySearch(population_size=_population_size(trials_per_task)))
