@@ -1,0 +1,511 @@
+"""`onnxopt compress --method prune|filter-std|filter-l1`: channel pruning without fine-tuning.
+
+1. Prepare the graph (``graph.prepare``: BN folded) and find its channel groups
+   (``passes.channel_groups``). A group is a candidate when it is prunable, has ONE producer
+   (residual groups, where every block output would be pruned alike, are left alone) and is
+   not excluded.
+2. Run the ORIGINAL model once over the calibration set. For every consumer of a candidate
+   group, at a few sampled output positions per image, keep its response rows (the targets)
+   and the rows of its residual shortcut; accumulate float64 statistics of its input patches
+   against its responses (``Sxx``, ``Sxy``) for the allocation.
+3. Allocate keep counts under the MAC budget with the exact multiple-choice knapsack
+   (``passes.allocation.allocate``). Options per group: keep ``k`` channels, ``k`` a multiple
+   of ``round_to`` (or all). Cost: the MACs the group's producer, depthwise members and
+   consumers keep, linear in ``k`` (a layer that is the consumer of one group and the producer
+   of another is bilinear; the budget is lowered until the exact MAC count meets the target).
+   Damage [design]: the relative squared reconstruction error of the consumers' responses
+   after selection + least-squares refit on the ORIGINAL model's statistics (``prune``, and
+   the ``filter-*`` methods with data), or the fraction of the ranking-score mass removed
+   (``filter-*`` without data).
+4. Walk the groups in topological order of their producers. For each, run the CURRENT
+   (partly pruned) model from a stored graph cut just before the producer
+   (``calib.capture.CutRunner``) to get the consumers' input patches ``X``; the targets
+   ``Y`` come from the original model (asymmetric, He et al. 2017). A consumer that feeds a
+   residual ``Add`` is reconstructed toward ``Y_branch_orig + (Y_short_orig - Y_short_cur)``.
+   Select the kept channels (He et al. LASSO path, ``prune``; or the lowest std / L1 filters
+   removed, ``filter-std`` / ``filter-l1``), refit each consumer by least squares on the kept
+   input columns, and rewrite the graph (``channel_groups.apply_keep``).
+5. Verify (``onnxopt.verify``) and return a ``CompressionResult``.
+
+Without calibration data (``calib`` None or empty) the ``filter-*`` methods remove the
+filters and slice the consumers, nothing else (Li et al.'s data-free pruning).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from threadpoolctl import threadpool_limits
+
+from onnxopt import graph as graphs
+from onnxopt.calib.capture import CutRunner, cut_before
+from onnxopt.calib.readers import DataSource
+from onnxopt.calib.stats import SufficientStats, extract_patches, responses_at, sample_positions
+from onnxopt.errors import UserError
+from onnxopt.layers import Layer, find_layers, gemm_weight_and_bias, model_macs
+from onnxopt.passes import allocation, prune
+from onnxopt.passes.channel_groups import ChannelGroup, Member, apply_keep, find_groups, group_of
+from onnxopt.pipeline import (SHORTCUT, CompressionResult, CompressOptions, LayerResult, Progress, _batch_size,
+                              _layer_seed, _shape_text)
+from onnxopt.verify import Verification, verify
+
+METHODS = ("prune", "filter-std", "filter-l1")
+MAX_STATS_DIM = 4608          # consumer input columns (c*kh*kw) above which statistics are not kept
+MAX_OPTIONS = 32              # keep-count options per group
+
+
+@dataclass
+class GroupPlan:
+    """A candidate group, its allocation options and the chosen keep count."""
+
+    name: str                          # producer name (groups are re-found by it after each rewrite)
+    channels: int
+    consumers: list[str]
+    macs_per_channel: float
+    counts: list[int] = field(default_factory=list)
+    damages: list[float] = field(default_factory=list)
+    scores: np.ndarray | None = None   # filter-* ranking scores
+    keep: int | None = None
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _node_name(node: gs.Node) -> str:
+    return node.name or node.outputs[0].name
+
+
+def _consumer_weight(node: gs.Node) -> np.ndarray:
+    """Consumer weights as (n, in_columns): Conv channel-major blocks, Gemm (N, K)."""
+    if node.op == "Conv":
+        weight = node.inputs[1].values
+        return np.asarray(weight, np.float64).reshape(weight.shape[0], -1)
+    return gemm_weight_and_bias(node)[0].T.astype(np.float64)
+
+
+def _consumer_bias(node: gs.Node) -> np.ndarray:
+    if node.op == "Conv":
+        if len(node.inputs) > 2 and node.inputs[2].name:
+            return np.asarray(node.inputs[2].values, np.float64)
+        return np.zeros(node.inputs[1].values.shape[0])
+    return gemm_weight_and_bias(node)[1].astype(np.float64)
+
+
+def _consumer_block(node: gs.Node, member: Member) -> int:
+    if node.op == "Conv":
+        kh, kw = node.inputs[1].values.shape[2:]
+        return int(kh * kw)
+    return member.block
+
+
+def _onnx_weight(node: gs.Node, weight: np.ndarray) -> np.ndarray:
+    """A refit (n, in_columns) weight in the consumer's initializer layout."""
+    if node.op == "Conv":
+        kh, kw = node.inputs[1].values.shape[2:]
+        return weight.reshape(weight.shape[0], -1, kh, kw).astype(np.float32)
+    node.attrs["alpha"] = 1.0
+    node.attrs["beta"] = 1.0
+    return (weight if node.attrs.get("transB", 0) else weight.T).astype(np.float32)
+
+
+def _rows(node: gs.Node, x: np.ndarray, positions) -> np.ndarray:
+    """Input rows of a consumer at ``positions``: patches (Conv) or flattened inputs (Gemm)."""
+    if node.op == "Conv":
+        kernel = node.inputs[1].values.shape[2:]
+        return extract_patches(x, positions, kernel, tuple(node.attrs.get("strides", [1, 1])),
+                               tuple(node.attrs.get("pads", [0, 0, 0, 0])), tuple(node.attrs.get("dilations", [1, 1])))
+    return x.reshape(x.shape[0], -1)
+
+
+def _as_linear(stats: SufficientStats) -> prune.LinearStats:
+    return prune.LinearStats(stats.sxx, stats.sxy, stats.syy, stats.mean_x, stats.mean_y, stats.n)
+
+
+class ConsumerSampler:
+    """Input patches of consumers against their targets, at the same positions on every run."""
+
+    def __init__(self, per_image: int, seed: int, shortcuts: dict[str, str]):
+        self.per_image = per_image
+        self.seed = seed
+        self.shortcuts = shortcuts      # consumer name -> shortcut tensor name (residual consumers)
+
+    def positions(self, name: str, batch_index: int, out_shape):
+        return sample_positions(out_shape[0], out_shape[2], out_shape[3], self.per_image,
+                                (_layer_seed(self.seed, name), batch_index))
+
+    def collect(self, model: onnx.ModelProto, runner: CutRunner, consumers: list[gs.Node],
+                targets: dict[str, list[np.ndarray]] | None, progress: Progress | None = None,
+                label: str = "") -> tuple[dict[str, SufficientStats], dict[str, list[np.ndarray]]]:
+        """Statistics of each consumer's (input rows, target rows).
+
+        ``targets`` None: this is the ORIGINAL model; its responses are the targets and are
+        returned (with the shortcut rows under ``name + SHORTCUT``). Otherwise the targets are
+        the stored original rows, corrected by ``Y_short_orig - Y_short_cur`` for residual
+        consumers.
+        """
+        names = []
+        for node in consumers:
+            names.append(node.inputs[0].name)
+            if targets is None:
+                names.append(node.outputs[0].name)
+            if _node_name(node) in self.shortcuts:
+                names.append(self.shortcuts[_node_name(node)])
+        names = list(dict.fromkeys(names))
+        stats: dict[str, SufficientStats] = {}
+        recorded: dict[str, list[np.ndarray]] = {}
+        done = 0
+        total = len(runner)
+        for batch_index, values in runner.run(model, names):
+            for node in consumers:
+                name = _node_name(node)
+                x = values[node.inputs[0].name]
+                if targets is None:
+                    out = values[node.outputs[0].name]
+                    out_shape = out.shape
+                else:
+                    out_shape = (x.shape[0], 0, *targets[name + "/hw"][0]) if node.op == "Conv" else None
+                positions = self.positions(name, batch_index, out_shape) if node.op == "Conv" else None
+                rows = _rows(node, x, positions)
+                shortcut = self.shortcuts.get(name)
+                if targets is None:
+                    y = responses_at(out, positions) if node.op == "Conv" else out.reshape(out.shape[0], -1)
+                    recorded.setdefault(name, []).append(y.astype(np.float32))
+                    if node.op == "Conv":
+                        recorded[name + "/hw"] = [out.shape[2:]]
+                    if shortcut is not None:
+                        recorded.setdefault(name + SHORTCUT, []).append(responses_at(values[shortcut], positions).astype(np.float32))
+                else:
+                    y = targets[name][batch_index].astype(np.float64)
+                    if shortcut is not None and name + SHORTCUT in targets:
+                        y = y + targets[name + SHORTCUT][batch_index] - responses_at(values[shortcut], positions)
+                if name not in stats:
+                    stats[name] = SufficientStats(rows.shape[1], y.shape[1])
+                stats[name].update(rows, y)
+            done += len(next(iter(values.values())))
+            if progress:
+                progress(label, done, total)
+        return stats, recorded
+
+
+# ---------------------------------------------------------------------------- selection
+
+
+def _group_consumers(group: ChannelGroup) -> list[Member]:
+    return [m for m in group.consumers]
+
+
+def _lasso_problem(group: ChannelGroup, stats: dict[str, prune.LinearStats]) -> tuple[np.ndarray, np.ndarray, int]:
+    """Summed LASSO ``G``, ``q`` over the group's consumers (other Concat channels fixed)."""
+    gram_total = np.zeros((group.channels, group.channels))
+    q_total = np.zeros(group.channels)
+    n = 0
+    for member in _group_consumers(group):
+        node = member.node
+        s = stats[_node_name(node)]
+        weight = _consumer_weight(node)
+        block = _consumer_block(node, member)
+        in_channels = weight.shape[1] // block
+        gram, q = prune.channel_gram(weight, s.sxx, s.sxy, in_channels)
+        index = np.arange(group.channels) + member.offset
+        gram_g, q_g = prune.fixed_channel_target(gram, q, index)
+        gram_total += gram_g
+        q_total += q_g
+        n = max(n, s.n)
+    return gram_total, q_total, n
+
+
+def _kept_columns(group: ChannelGroup, member: Member, keep: np.ndarray) -> np.ndarray:
+    node = member.node
+    block = _consumer_block(node, member)
+    columns = _consumer_weight(node).shape[1]
+    removed = np.setdiff1d(np.arange(group.channels), keep) + member.offset
+    return np.setdiff1d(np.arange(columns), prune.block_columns(removed, block))
+
+
+def _refit(group: ChannelGroup, keep: np.ndarray, stats: dict[str, prune.LinearStats]) -> tuple[dict, float, float, dict]:
+    """Least-squares refit of every consumer on the kept columns.
+
+    Returns ONNX-layout weights by consumer name, the summed squared error and target
+    energy, and per-consumer (error before, error after).
+    """
+    weights, errors = {}, {}
+    err_sum, energy = 0.0, 0.0
+    for member in _group_consumers(group):
+        node = member.node
+        name = _node_name(node)
+        s = stats[name]
+        columns = _kept_columns(group, member, keep)
+        weight, bias = prune.least_squares(s, columns)
+        weights[name] = (_onnx_weight(node, weight), bias.astype(np.float32))
+        err_sum += prune.residual(s, weight, columns)
+        energy += float(np.trace(s.syy))
+        full = _consumer_weight(node)
+        errors[name] = (prune.relative_error(s, full, np.arange(full.shape[1]), _consumer_bias(node)),
+                        prune.relative_error(s, weight, columns, bias))
+    return weights, err_sum, energy, errors
+
+
+def _select(method: str, group: ChannelGroup, plan: GroupPlan, keep_count: int,
+            stats: dict[str, prune.LinearStats] | None, path=None) -> np.ndarray:
+    if method == "prune":
+        gram, q, n = _lasso_problem(group, stats)
+        if path is None:
+            return prune.lasso_select(gram, q, n, keep_count)
+        return prune.select_from_path(path, keep_count, gram)
+    return prune.rank_select(plan.scores, keep_count)
+
+
+# ---------------------------------------------------------------------------- planning
+
+
+def _keep_counts(channels: int, round_to: int) -> list[int]:
+    round_to = max(1, int(round_to))
+    step = round_to * max(1, math.ceil((channels // round_to) / MAX_OPTIONS))
+    counts = list(range(step, channels, step)) if channels > step else []
+    return counts + [channels]
+
+
+def plan_groups(graph: gs.Graph, layers: dict[str, Layer], exclude: list[str], round_to: int,
+                data: bool) -> tuple[list[GroupPlan], dict[str, str]]:
+    """Candidate groups and, for every other group, why it is left alone (by producer name)."""
+    plans, reasons = [], {}
+    for group in find_groups(graph):
+        name = group.name
+        reason = group.reason
+        if reason is None and len(group.producers) > 1:
+            reason = "residual group (every block output would be pruned alike); left alone"
+        if reason is None and any(fnmatch.fnmatchcase(_node_name(m.node), p) for m in group.producers for p in exclude):
+            reason = "excluded by --exclude"
+        if reason is None and group.channels <= max(1, round_to):
+            reason = f"{group.channels} channels: nothing to prune at --round-to {round_to}"
+        if reason is None and not group.consumers:
+            reason = "no consumer reads these channels"
+        if reason is None and data:
+            for member in group.consumers:
+                columns = _consumer_weight(member.node).shape[1]
+                if columns > MAX_STATS_DIM:
+                    reason = f"consumer {_node_name(member.node)} has {columns} input columns (over {MAX_STATS_DIM} for statistics)"
+        if reason is not None:
+            for member in group.producers:
+                reasons[_node_name(member.node)] = reason
+            continue
+        per_channel = 0.0
+        for member in group.producers + group.depthwise:
+            layer = layers.get(_node_name(member.node))
+            per_channel += (layer.macs or 0) / group.channels if layer else 0.0
+        for member in group.consumers:
+            layer = layers.get(_node_name(member.node))
+            if layer:
+                per_channel += (layer.macs or 0) / layer.in_channels * member.block
+        plans.append(GroupPlan(name, group.channels, [_node_name(m.node) for m in group.consumers], per_channel,
+                               counts=_keep_counts(group.channels, round_to)))
+    return plans, reasons
+
+
+def _exact_macs(graph: gs.Graph, layers: list[Layer], plans: list[GroupPlan], counts: list[int]) -> int:
+    """Model MACs if each plan keeps ``counts`` channels (bilinear per layer)."""
+    out_ratio = {layer.name: 1.0 for layer in layers}
+    in_removed = {layer.name: 0 for layer in layers}
+    groups = find_groups(graph)
+    for plan, count in zip(plans, counts):
+        group = group_of(groups, plan.name)
+        for member in group.producers + group.depthwise:
+            out_ratio[_node_name(member.node)] *= count / plan.channels
+        for member in group.consumers:
+            in_removed[_node_name(member.node)] += (plan.channels - count) * member.block
+    total = 0.0
+    for layer in layers:
+        macs = layer.macs or 0
+        if layer.is_depthwise:
+            total += macs * out_ratio[layer.name]
+        else:
+            total += macs * out_ratio[layer.name] * (layer.in_channels - in_removed[layer.name]) / max(layer.in_channels, 1)
+    return int(round(total))
+
+
+def allocate_counts(graph: gs.Graph, layers: list[Layer], plans: list[GroupPlan], target: float) -> list[int] | None:
+    """Keep counts meeting ``target`` MACs exactly, from the knapsack on linearised costs."""
+    macs_before = model_macs(layers)
+    removable = sum(p.channels * p.macs_per_channel for p in plans)
+    budget = target - (macs_before - removable)
+    for _ in range(12):
+        options = [[allocation.Option(cost=k * p.macs_per_channel, damage=d, value=k) for k, d in zip(p.counts, p.damages)]
+                   for p in plans]
+        choice = allocation.allocate(options, budget)
+        if choice is None:
+            return None
+        counts = [p.counts[k] for p, k in zip(plans, choice)]
+        exact = _exact_macs(graph, layers, plans, counts)
+        if exact <= target:
+            return counts
+        budget -= (exact - target) * 1.05 + 1
+    return None
+
+
+# ---------------------------------------------------------------------------- pipeline
+
+
+def compress_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: DataSource | None,
+                   options: CompressOptions, progress: Progress | None = None) -> CompressionResult:
+    """Prune channels of ``model`` to ``options.speedup`` times fewer MACs (module docstring)."""
+    method = options.method
+    if method not in METHODS:
+        raise UserError(f"unknown pruning --method {method!r}; choose one of: {', '.join(METHODS)}")
+    if options.speedup <= 1:
+        raise UserError(f"--speedup must be greater than 1 (got {options.speedup})")
+    round_to = int(getattr(options, "round_to", 4) or 1)
+    if round_to < 1:
+        raise UserError(f"--round-to must be at least 1 (got {round_to})")
+    data = calib is not None and len(calib) > 0
+    if method == "prune" and not data:
+        raise UserError("--method prune is data-driven: give calibration data with --calib (an image folder or .npz)")
+
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    prepared, preparation = graphs.prepare(model)
+    graph = graphs.import_graph(prepared)
+    layer_list = find_layers(graph)
+    layers = {layer.name: layer for layer in layer_list}
+    macs_before = model_macs(layer_list)
+    target = macs_before / options.speedup
+    plans, reasons = plan_groups(graph, layers, options.exclude, round_to, data)
+    if not plans:
+        detail = "; ".join(f"{name}: {why}" for name, why in list(reasons.items())[:3]) or "no channel groups"
+        raise UserError(f"nothing to prune: no channel group can be pruned ({detail})")
+    if method != "prune":
+        originals = {_node_name(n): n for n in graphs.import_graph(model).nodes if n.op in ("Conv", "Gemm")}
+        for plan in plans:
+            node = originals.get(plan.name)
+            producer = group_of(find_groups(graph), plan.name).producers[0].node
+            weight = node.inputs[1].values if node is not None and isinstance(node.inputs[1], gs.Constant) else None
+            if weight is None or weight.shape[0] != plan.channels:
+                weight = producer.inputs[1].values
+            if producer.op == "Gemm" and not producer.attrs.get("transB", 0):
+                weight = weight.T
+            plan.scores = prune.filter_scores(weight, method.removeprefix("filter-"))
+    timings["prepare"] = time.perf_counter() - start
+
+    # ---- original model: targets, and statistics for the allocation
+    groups = find_groups(graph)
+    consumer_nodes: dict[str, gs.Node] = {}
+    for plan in plans:
+        for member in group_of(groups, plan.name).consumers:
+            consumer_nodes[_node_name(member.node)] = member.node
+    shortcuts = {name: layers[name].shortcut.name for name in consumer_nodes
+                 if name in layers and layers[name].shortcut is not None}
+    targets: dict[str, list[np.ndarray]] = {}
+    samples: list[dict[str, np.ndarray]] = []
+    sampler = None
+    original_stats: dict[str, prune.LinearStats] = {}
+    if data:
+        t0 = time.perf_counter()
+        floats = 0
+        for node in consumer_nodes.values():
+            for tensor in (node.inputs[0], node.outputs[0]):
+                shape = tensor.shape or []
+                floats += int(np.prod([d for d in shape[1:] if isinstance(d, int)] or [1]))
+        samples = list(calib.batches(_batch_size(floats)))
+        sampler = ConsumerSampler(max(1, math.ceil(options.rows_per_layer / len(calib))), options.seed, shortcuts)
+        stats, targets = sampler.collect(prepared, CutRunner(samples, options.threads), list(consumer_nodes.values()),
+                                         None, progress, "original model")
+        original_stats = {name: _as_linear(s) for name, s in stats.items()}
+        del stats
+        timings["capture_original"] = time.perf_counter() - t0
+
+    # ---- allocation
+    t0 = time.perf_counter()
+    with threadpool_limits(limits=1, user_api="blas"):
+        for plan in plans:
+            group = group_of(groups, plan.name)
+            if not data:
+                plan.damages = [prune.removed_mass(plan.scores, k) for k in plan.counts]
+                continue
+            path = None
+            if method == "prune":
+                gram, q, n = _lasso_problem(group, original_stats)
+                path = prune.lasso_path(gram, q, n)
+            damages = []
+            for count in plan.counts:
+                keep = _select(method, group, plan, count, original_stats, path)
+                _, err, energy, _ = _refit(group, keep, original_stats)
+                damages.append(err / max(energy, 1e-300))
+            plan.damages = damages
+    counts = allocate_counts(graph, layer_list, plans, target)
+    if counts is None:
+        best = _exact_macs(graph, layer_list, plans, [p.counts[0] for p in plans])
+        raise UserError(f"--speedup {options.speedup:g} is out of reach for channel pruning of this model "
+                        f"(at most {macs_before / max(best, 1):.2f}x with the prunable groups at --round-to {round_to}); lower --speedup")
+    for plan, count in zip(plans, counts):
+        plan.keep = count
+    timings["allocate"] = time.perf_counter() - t0
+
+    # ---- layer by layer, asymmetric
+    t0 = time.perf_counter()
+    chosen = [p for p in plans if p.keep < p.channels]
+    runner = CutRunner(samples, options.threads, options.memory_budget) if data else None
+    consumer_errors: dict[str, tuple[float, float]] = {}
+    kept_by_producer: dict[str, tuple[int, int]] = {}
+    for number, plan in enumerate(chosen, 1):
+        group = group_of(find_groups(graph), plan.name)
+        stats = None
+        if data:
+            current = graphs.export(graph, prepared)
+            producer = group.producers[0].node
+            runner.advance(current, cut_before(graph, producer))
+            consumers = [m.node for m in group.consumers]
+            raw, _ = sampler.collect(current, runner, consumers, targets, progress, f"group {number}/{len(chosen)}")
+            stats = {name: _as_linear(s) for name, s in raw.items()}
+        with threadpool_limits(limits=1, user_api="blas"):
+            keep = _select(method, group, plan, plan.keep, stats)
+            weights = None
+            if data:
+                weights, _, _, errors = _refit(group, keep, stats)
+                consumer_errors.update(errors)
+        apply_keep(graph, group, keep, weights)
+        kept_by_producer[plan.name] = (len(keep), plan.channels)
+    timings["solve_and_rewrite"] = time.perf_counter() - t0
+
+    compressed = graphs.export(graph, prepared)
+    t0 = time.perf_counter()
+    if holdout is not None and len(holdout) > 0:
+        verification = verify(model, compressed, holdout, options.threads)
+    else:
+        from onnxopt.verify import check_structure
+        check_structure(model, compressed)
+        verification = Verification(0, 0.0, 0.0, None)
+    timings["verify"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - start
+
+    final = {layer.name: layer for layer in find_layers(graphs.import_graph(compressed))}
+    label = {"prune": "lasso+ls", "filter-std": "std", "filter-l1": "l1"}[method] + ("" if data or method == "prune" else " (no refit)")
+    if method != "prune" and data:
+        label += "+ls"
+    table = []
+    for layer in layer_list:
+        after = final.get(layer.name)
+        macs_after = (after.macs or 0) if after else 0
+        params_after = after.params if after else 0
+        changed = layer.name in kept_by_producer or layer.name in consumer_errors or (after is not None and after.macs != layer.macs)
+        result = LayerResult(layer.name, layer.op, _shape_text(layer), layer.macs or 0, macs_after, layer.params, params_after)
+        if layer.name in kept_by_producer:
+            result.rank, result.full_rank = kept_by_producer[layer.name]
+        if changed:
+            result.solver = label
+            if layer.name in consumer_errors:
+                result.error_before, result.error_after = consumer_errors[layer.name]
+        else:
+            result.skipped = reasons.get(layer.name, "kept: the budget is met without it")
+        table.append(result)
+    return CompressionResult(
+        model=compressed, layers=table, macs_before=macs_before, macs_after=sum(r.macs_after for r in table),
+        params_before=sum(r.params_before for r in table), params_after=sum(r.params_after for r in table),
+        verification=verification, preparation=preparation, timings=timings,
+        calib_samples=len(calib) if data else 0, holdout_samples=len(holdout) if holdout is not None else 0,
+        rows_per_layer=options.rows_per_layer, stages=len(chosen),
+    )

@@ -1,0 +1,199 @@
+"""Channel selection and consumer reconstruction for channel pruning, on sufficient statistics.
+
+Pure numpy/scipy/sklearn: no graph, no model. The graph side (which tensors are pruned
+together, how the weights are sliced) is ``passes/channel_groups.py``; the walk over a model
+is ``onnxopt/prune_pipeline.py``.
+
+**He, Zhang, Sun 2017**, "Channel Pruning for Accelerating Very Deep Neural Networks"
+(ALGORITHMS.md §2). A consumer layer ``Y = X W^T`` (``X`` (N, c*k2): patches, channel-major
+blocks of ``k2 = kh*kw``; ``W`` (n, c*k2)) is written as a sum of channel contributions
+``Y = sum_i X_i W_i^T``. Keeping ``c'`` of the ``c`` channels:
+
+    min_beta (1/2N) ||Y - sum_i beta_i X_i W_i^T||_F^2 + lam ||beta||_1
+
+With ``Sxx = Xc^T Xc`` and ``Sxy = Xc^T Yc`` (centred, float64), the quadratic's terms are
+
+    G_ij = <X_i W_i^T, X_j W_j^T> = sum over blocks of (W^T W * Sxx)        (c, c)
+    q_i  = <X_i W_i^T, Y>         = sum over blocks of (W * Sxy^T)           (c,)
+
+and ``sklearn.linear_model.lars_path_gram(Xy=q, Gram=G, n_samples=N, method="lasso")``
+returns the whole LASSO path exactly, from ``lam = inf`` (nothing selected) down. The kept set
+is the support of the first path point with ``c'`` non-zeros (the official code instead
+bisects ``lam`` for a randomised coordinate-descent LASSO on ~400 rows; the path on all rows
+needs no bisection). Channels that must stay (the other inputs of a Concat) enter with
+``beta = 1``: their contribution is moved to the target, ``q_g <- q_g - G_gf 1``.
+
+Then ONE least-squares refit of the consumer on the kept input columns ``K`` (He §3.1's
+``LinearRegression``), ridge ``delta = 1e-6 tr(Sxx_KK)/|K|``:
+
+    W_K = (Sxx_KK + delta I)^{-1} Sxy_K,   b = ybar - W_K^T xbar_K
+
+**Data-free filter ranking** (producer side: a filter = one output channel):
+
+* Li, Zhao, Han 2019 ("Convolutional neural network acceleration algorithm based on filters
+  pruning", ALGORITHMS.md §3): importance = ``std(W[j])``, on the un-folded weights.
+* Li, Kadav, Durdanovic, Samet, Graf 2017 ("Pruning Filters for Efficient ConvNets"):
+  importance = ``||W[j]||_1``.
+
+The lowest-scoring filters are removed; with calibration data the consumer is then refit by
+the same least squares.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+from sklearn.linear_model import lars_path_gram
+
+
+@dataclass
+class LinearStats:
+    """Centred float64 statistics of consumer inputs ``x`` (dim c*k2) and targets ``y`` (dim n)."""
+
+    sxx: np.ndarray
+    sxy: np.ndarray
+    syy: np.ndarray
+    mean_x: np.ndarray
+    mean_y: np.ndarray
+    n: int
+
+
+# ---------------------------------------------------------------------------- LASSO selection
+
+
+def channel_gram(weight: np.ndarray, sxx: np.ndarray, sxy: np.ndarray, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """``G`` (c, c) and ``q`` (c,) of the channel-contribution LASSO (module docstring).
+
+    ``weight``: (n, c*k2) consumer weights, channel-major blocks; ``sxx`` (c*k2, c*k2),
+    ``sxy`` (c*k2, n).
+    """
+    weight = np.asarray(weight, np.float64)
+    n, dim = weight.shape
+    block = dim // channels
+    gram_w = weight.T @ weight                                           # (c*k2, c*k2)
+    gram = (gram_w * sxx).reshape(channels, block, channels, block).sum((1, 3))
+    q = (weight * sxy.T).reshape(n, channels, block).sum((0, 2))
+    return gram, q
+
+
+def lasso_path(gram: np.ndarray, q: np.ndarray, n_samples: int) -> np.ndarray:
+    """Coefficients along the exact LASSO path, shape (c, path points)."""
+    # lars_path_gram's objective is (1/2N)||y - Xw||^2 + a|w|_1 with X^T X = G, X^T y = q.
+    scale = max(float(np.trace(gram)) / len(gram), 1e-300)             # conditioning only
+    _, _, coefs = lars_path_gram(Xy=q / scale, Gram=gram / scale, n_samples=max(int(n_samples), 1),
+                                 method="lasso", max_iter=20 * len(gram))
+    return coefs
+
+
+def select_from_path(coefs: np.ndarray, keep: int, gram: np.ndarray | None = None) -> np.ndarray:
+    """Sorted indices of the support of the first path point with ``keep`` non-zeros.
+
+    The LASSO path can drop variables, so ``keep`` non-zeros might never occur exactly: then
+    the first point with more is taken and its ``keep`` largest contributions
+    ``|beta_i| sqrt(G_ii)`` are kept; if the path never reaches ``keep``, the support of its
+    last point is completed the same way from the least-squares end of the path.
+    """
+    channels, points = coefs.shape
+    keep = int(min(max(keep, 0), channels))
+    if keep == channels:
+        return np.arange(channels)
+    nonzero = (np.abs(coefs) > 0).sum(0)
+    weight = np.ones(channels) if gram is None else np.sqrt(np.clip(np.diag(gram), 0, None))
+    for point in range(points):
+        if nonzero[point] == keep:
+            return np.sort(np.flatnonzero(coefs[:, point]))
+        if nonzero[point] > keep:
+            strength = np.abs(coefs[:, point]) * weight
+            return np.sort(np.argsort(-strength, kind="stable")[:keep])
+    # Path ended with fewer non-zeros (rank-deficient G): fill by first entry order, then strength.
+    order: list[int] = []
+    for point in range(points):
+        for index in np.flatnonzero(coefs[:, point]):
+            if index not in order:
+                order.append(int(index))
+    rest = [i for i in np.argsort(-weight, kind="stable") if i not in order]
+    return np.sort(np.array((order + rest)[:keep], dtype=int))
+
+
+def lasso_select(gram: np.ndarray, q: np.ndarray, n_samples: int, keep: int) -> np.ndarray:
+    """He et al. channel selection: sorted indices of the ``keep`` channels to keep."""
+    if keep >= len(q):
+        return np.arange(len(q))
+    return select_from_path(lasso_path(gram, q, n_samples), keep, gram)
+
+
+def fixed_channel_target(gram: np.ndarray, q: np.ndarray, group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``G``, ``q`` restricted to ``group`` with the other channels fixed at ``beta = 1``."""
+    group = np.asarray(group)
+    fixed = np.setdiff1d(np.arange(len(q)), group)
+    gram_g = gram[np.ix_(group, group)]
+    q_g = q[group] - gram[np.ix_(group, fixed)].sum(1)
+    return gram_g, q_g
+
+
+# ---------------------------------------------------------------------------- least squares
+
+
+def block_columns(channels: np.ndarray, block: int) -> np.ndarray:
+    """Input columns ``{c*block + j}`` of the given channels (channel-major blocks)."""
+    channels = np.asarray(channels, dtype=int)
+    return (channels[:, None] * block + np.arange(block)[None]).reshape(-1)
+
+
+def least_squares(stats: LinearStats, columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Refit on input ``columns``: weight (n, |columns|) and bias (n,), float64 (see docstring)."""
+    columns = np.asarray(columns, dtype=int)
+    a = stats.sxx[np.ix_(columns, columns)]
+    delta = 1e-6 * max(float(np.trace(a)), 1e-12) / max(len(columns), 1)
+    solution = scipy.linalg.solve(a + delta * np.eye(len(columns)), stats.sxy[columns], assume_a="pos")
+    weight = solution.T                                                  # (n, |columns|)
+    bias = stats.mean_y - weight @ stats.mean_x[columns]
+    return weight, bias
+
+
+def residual(stats: LinearStats, weight: np.ndarray, columns: np.ndarray) -> float:
+    """Centred squared error ``||Yc - Xc_K W^T||^2`` from the statistics."""
+    columns = np.asarray(columns, dtype=int)
+    sxy = stats.sxy[columns]
+    value = np.trace(stats.syy) - 2 * np.sum(weight.T * sxy) + np.sum((weight @ stats.sxx[np.ix_(columns, columns)]) * weight)
+    return float(max(value, 0.0))
+
+
+def relative_error(stats: LinearStats, weight: np.ndarray, columns: np.ndarray, bias: np.ndarray | None = None) -> float:
+    """``||Y - (X_K W^T + b)|| / ||Y||`` over the sampled rows (uncentred target norm)."""
+    err = residual(stats, weight, columns)
+    if bias is not None:
+        offset = stats.mean_y - (weight @ stats.mean_x[np.asarray(columns, dtype=int)] + bias)
+        err += stats.n * float(offset @ offset)
+    total = float(np.trace(stats.syy)) + stats.n * float(stats.mean_y @ stats.mean_y)
+    return float(np.sqrt(err / max(total, 1e-300)))
+
+
+# ---------------------------------------------------------------------------- data-free ranking
+
+
+def filter_scores(weight: np.ndarray, criterion: str) -> np.ndarray:
+    """Importance of each output filter: ``"std"`` (Li, Zhao, Han 2019) or ``"l1"`` (Li et al. 2017)."""
+    rows = np.asarray(weight, np.float64).reshape(weight.shape[0], -1)
+    if criterion == "std":
+        return rows.std(axis=1)
+    if criterion == "l1":
+        return np.abs(rows).sum(axis=1)
+    raise ValueError(f"unknown filter criterion {criterion!r}; use 'std' or 'l1'")
+
+
+def rank_select(scores: np.ndarray, keep: int) -> np.ndarray:
+    """Sorted indices of the ``keep`` highest scores (ties: lower index first)."""
+    keep = int(min(max(keep, 0), len(scores)))
+    return np.sort(np.argsort(-np.asarray(scores), kind="stable")[:keep])
+
+
+def removed_mass(scores: np.ndarray, keep: int) -> float:
+    """Fraction of the total score carried by the filters ``rank_select`` removes."""
+    scores = np.asarray(scores, np.float64)
+    total = scores.sum()
+    if total <= 0:
+        return 0.0
+    return float(1 - scores[rank_select(scores, keep)].sum() / total)
