@@ -9,7 +9,8 @@
 #    (pip download --platform manylinux_2_28_aarch64 --python-version 3.11) unpacked into a site folder,
 # 3. `onnxopt build --target aarch64`, then `qemu-aarch64 -L ROOT ROOT/usr/bin/python3.11 run.py`
 #    on random inputs, compared with onnxruntime on this machine (fails above 1e-4).
-# Root and wheels are cached in .cache/arm/ (gitignored); a second run only builds and runs.
+# Root and wheels are cached in .cache/arm/ (gitignored; ARM_CHECK_CACHE overrides); a second
+# run only builds and runs. The host Python is .venv/bin/python (ARM_CHECK_PYTHON overrides).
 # Needs: qemu-user, debootstrap, g++-aarch64-linux-gnu (tools/install_cross_toolchains.sh), and
 # the onnxopt venv with the tvm extra. Emulated timings say nothing about speed on a board.
 set -euo pipefail
@@ -19,7 +20,7 @@ CACHE="${ARM_CHECK_CACHE:-$REPO/.cache/arm}"
 ROOT="$CACHE/root"
 WHEELS="$CACHE/wheels"
 SITE="$CACHE/site"
-PYTHON="${PYTHON:-$REPO/.venv/bin/python}"
+PYTHON="${ARM_CHECK_PYTHON:-$REPO/.venv/bin/python}"
 [ -x "$PYTHON" ] || PYTHON="$(command -v python3)"
 
 TVM_VERSION="0.27.0.post1"
