@@ -1,0 +1,195 @@
+"""Channel pruning: LASSO path selection against references, least-squares refit, filter
+ranking, and the pipeline end to end (small model; ResNet-20 from ../shared)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import onnx
+import pytest
+from sklearn.linear_model import Lasso
+
+from conftest import run, shared_path, small_cnn
+from onnxopt.calib.readers import DataSource, InputSpec
+from onnxopt.errors import UserError
+from onnxopt.passes import prune
+from onnxopt.pipeline import CompressOptions
+from onnxopt.prune_pipeline import compress_prune
+
+
+def _stats(x: np.ndarray, y: np.ndarray) -> prune.LinearStats:
+    from onnxopt.calib.stats import SufficientStats
+
+    s = SufficientStats(x.shape[1], y.shape[1])
+    for part in np.array_split(np.arange(len(x)), 3):       # streaming, in chunks
+        s.update(x[part], y[part])
+    return prune.LinearStats(s.sxx, s.sxy, s.syy, s.mean_x, s.mean_y, s.n)
+
+
+def _problem(seed=0, n=300, channels=6, block=4, outputs=5, active=(1, 3, 4)):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, channels * block)) @ (np.eye(channels * block) + 0.3 * rng.standard_normal((channels * block,) * 2))
+    weight = rng.standard_normal((outputs, channels * block))
+    mask = np.zeros(channels * block)
+    for c in active:
+        mask[c * block:(c + 1) * block] = 1
+    y = x @ (weight * mask).T + 0.05 * rng.standard_normal((n, outputs))
+    return x, y, weight
+
+
+def test_gram_matches_explicit_channel_contributions():
+    x, y, weight = _problem()
+    s = _stats(x, y)
+    gram, q = prune.channel_gram(weight, s.sxx, s.sxy, 6)
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    contributions = [xc[:, c * 4:(c + 1) * 4] @ weight[:, c * 4:(c + 1) * 4].T for c in range(6)]
+    explicit_gram = np.array([[np.sum(a * b) for b in contributions] for a in contributions])
+    explicit_q = np.array([np.sum(a * yc) for a in contributions])
+    np.testing.assert_allclose(gram, explicit_gram, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(q, explicit_q, rtol=1e-9, atol=1e-9)
+
+
+def test_lasso_path_agrees_with_sklearn_lasso_on_a_lambda_grid():
+    x, y, weight = _problem(seed=1, active=(0, 2, 5))
+    s = _stats(x, y)
+    gram, q = prune.channel_gram(weight, s.sxx, s.sxy, 6)
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    features = np.stack([(xc[:, c * 4:(c + 1) * 4] @ weight[:, c * 4:(c + 1) * 4].T).reshape(-1) for c in range(6)], 1)
+    target = yc.reshape(-1)
+    supports = {}
+    for alpha in np.geomspace(np.abs(features.T @ target).max() / len(target), 1e-6, 400):
+        coef = Lasso(alpha=alpha, fit_intercept=False, tol=1e-10, max_iter=100000).fit(features, target).coef_
+        support = tuple(np.flatnonzero(np.abs(coef) > 1e-10))
+        supports.setdefault(len(support), support)        # first (largest lambda) support of each size
+    for keep in range(1, 6):
+        if keep in supports:
+            # features have N*n rows: the path in lambda is the same up to the 1/N scaling
+            assert tuple(prune.lasso_select(gram, q, len(target), keep)) == supports[keep]
+
+
+def test_lasso_selection_finds_best_subset_on_a_planted_problem():
+    x, y, weight = _problem(seed=2, active=(1, 3, 4))
+    s = _stats(x, y)
+    gram, q = prune.channel_gram(weight, s.sxx, s.sxy, 6)
+    selected = prune.lasso_select(gram, q, s.n, 3)
+
+    def refit_error(subset):
+        columns = prune.block_columns(np.array(subset), 4)
+        w, _ = prune.least_squares(s, columns)
+        return prune.residual(s, w, columns)
+
+    best = min(itertools.combinations(range(6), 3), key=refit_error)
+    assert tuple(selected) == best == (1, 3, 4)
+
+
+def test_fixed_channels_move_to_the_target():
+    x, y, weight = _problem(seed=3)
+    s = _stats(x, y)
+    gram, q = prune.channel_gram(weight, s.sxx, s.sxy, 6)
+    gram_g, q_g = prune.fixed_channel_target(gram, q, np.array([3, 4, 5]))
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    fixed = xc[:, :12] @ weight[:, :12].T
+    residual_target = yc - fixed
+    explicit = np.array([np.sum((xc[:, c * 4:(c + 1) * 4] @ weight[:, c * 4:(c + 1) * 4].T) * residual_target) for c in (3, 4, 5)])
+    np.testing.assert_allclose(q_g, explicit, rtol=1e-9, atol=1e-8)
+    np.testing.assert_allclose(gram_g, gram[3:, 3:])
+
+
+def test_least_squares_recovers_a_linear_map():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((500, 10)) + 2.0
+    columns = np.array([0, 1, 2, 5, 6, 9])
+    true_weight = rng.standard_normal((3, len(columns)))
+    true_bias = rng.standard_normal(3)
+    y = x[:, columns] @ true_weight.T + true_bias
+    s = _stats(x, y)
+    weight, bias = prune.least_squares(s, columns)
+    np.testing.assert_allclose(weight, true_weight, atol=1e-5)
+    np.testing.assert_allclose(bias, true_bias, atol=1e-5)
+    assert prune.relative_error(s, weight, columns, bias) < 1e-5
+
+
+def test_filter_scores_and_ranking():
+    weight = np.stack([np.full((2, 3, 3), 1.0), np.arange(18.0).reshape(2, 3, 3), -np.arange(18.0).reshape(2, 3, 3) * 2])
+    np.testing.assert_allclose(prune.filter_scores(weight, "std"), [0.0, np.arange(18.0).std(), 2 * np.arange(18.0).std()])
+    np.testing.assert_allclose(prune.filter_scores(weight, "l1"), [18.0, 153.0, 306.0])
+    assert list(prune.rank_select(prune.filter_scores(weight, "std"), 2)) == [1, 2]
+    assert prune.removed_mass(np.array([1.0, 3.0]), 1) == pytest.approx(0.25)
+    with pytest.raises(ValueError):
+        prune.filter_scores(weight, "l2")
+
+
+# ---------------------------------------------------------------------------- pipeline
+
+
+def _data(count, seed=1):
+    rng = np.random.default_rng(seed)
+    return DataSource([InputSpec("x", ["N", 3, 12, 12])], arrays={"x": rng.standard_normal((count, 3, 12, 12)).astype(np.float32)})
+
+
+def _check_model(original, result, speedup):
+    onnx.checker.check_model(result.model, full_check=True)
+    assert [i.name for i in result.model.graph.input] == [i.name for i in original.graph.input]
+    assert [o.name for o in result.model.graph.output] == [o.name for o in original.graph.output]
+    feeds = {"x": np.random.default_rng(9).standard_normal((3, 3, 12, 12)).astype(np.float32)}
+    assert run(result.model, feeds)[0].shape == run(original, feeds)[0].shape
+    assert result.macs_before / result.macs_after >= speedup * (1 - 1e-9)
+
+
+@pytest.mark.parametrize("method", ["prune", "filter-std", "filter-l1"])
+def test_pipeline_on_small_cnn(method):
+    model = small_cnn()
+    result = compress_prune(model, _data(80), _data(16, seed=2), CompressOptions(speedup=1.3, method=method, rows_per_layer=2000))
+    _check_model(model, result, 1.3)
+    assert result.verification.relative_l2 < 0.3
+    pruned = [layer for layer in result.layers if layer.rank is not None]
+    assert pruned and all(layer.rank % 4 == 0 and layer.rank < layer.full_rank for layer in pruned)
+    stem = next(layer for layer in result.layers if layer.name == "stem")
+    assert stem.skipped and "residual" in stem.skipped
+
+
+def test_data_free_filter_pruning_slices_only():
+    model = small_cnn()
+    result = compress_prune(model, None, _data(8, seed=2), CompressOptions(speedup=1.3, method="filter-l1"))
+    _check_model(model, result, 1.3)
+    with pytest.raises(UserError, match="data-driven"):
+        compress_prune(model, None, None, CompressOptions(speedup=1.3, method="prune"))
+
+
+def test_round_to_and_refusals():
+    model = small_cnn()
+    options = CompressOptions(speedup=1.2, method="filter-std")
+    options.round_to = 8
+    result = compress_prune(model, None, None, options)
+    assert all(layer.rank % 8 == 0 for layer in result.layers if layer.rank is not None)
+    with pytest.raises(UserError, match="out of reach"):
+        compress_prune(model, None, None, CompressOptions(speedup=50, method="filter-std"))
+    with pytest.raises(UserError, match="unknown pruning --method"):
+        compress_prune(model, None, None, CompressOptions(speedup=2, method="lowrank"))
+
+
+def test_resnet20_prune_keeps_accuracy():
+    """ResNet-20 (option-A shortcuts: Slice + channel Pad, left alone) at 1.3x, 500 test images."""
+    from onnxopt.calib.capture import make_session
+    from onnxopt.calib.readers import make_preprocess, open_source, split_source
+    from onnxopt.cli import model_inputs
+
+    model = onnx.load(shared_path("models/cifar10_resnet20.onnx"))
+    inputs = model_inputs(model)
+    prep = make_preprocess("cifar10")
+    calib, holdout = split_source(open_source(str(shared_path("data/cifar10/train")), inputs, prep), 300, 50, 0)
+    test = open_source(str(shared_path("data/cifar10/test")), inputs, prep)
+    classes = sorted({p.parent.name for p in test.paths})
+    test = test.subset(sorted(np.random.default_rng(0).permutation(len(test))[:500]))
+    labels = np.array([classes.index(p.parent.name) for p in test.paths])
+
+    def accuracy(m):
+        session = make_session(m, 2)
+        return float((np.concatenate([session.run(None, b)[0].argmax(1) for b in test.batches(100)]) == labels).mean())
+
+    result = compress_prune(model, calib, holdout, CompressOptions(speedup=1.3, method="prune", rows_per_layer=4096, threads=2))
+    assert result.macs_before / result.macs_after >= 1.3
+    onnx.checker.check_model(result.model, full_check=True)
+    before, after = accuracy(model), accuracy(result.model)
+    assert after >= before - 0.05, (before, after)
