@@ -139,3 +139,13 @@ def test_resnet20_compress_and_eval_on_real_images(tmp_path):
     assert accuracy["before"]["n"] == 1000
     assert accuracy["before"]["top1"] > 0.75
     assert accuracy["after"]["top1"] > accuracy["before"]["top1"] - 0.05
+
+
+def test_same_input_and_seed_give_byte_identical_output(tmp_path, small_model_file, small_calib_file):
+    outputs = []
+    for index in range(2):
+        out = tmp_path / f"o{index}.onnx"
+        result = onnxopt("-q", "compress", small_model_file, "-o", out, "--speedup", "1.5", "--calib", small_calib_file, "--seed", "3")
+        assert result.returncode == 0, result.stderr
+        outputs.append(out.read_bytes())
+    assert outputs[0] == outputs[1]
