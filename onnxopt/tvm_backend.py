@@ -883,6 +883,8 @@ def compile_model(
     if tune_trials > 0 and not choice.runs_on_this_machine and rpc is None:
         raise UserError(f"cannot tune for {choice.name!r} here: pass --rpc HOST:PORT --rpc-key KEY of a device "
                         "running TVM's rpc_server, or build untuned with --tune-trials 0")
+    if rpc is not None and tune_trials == 0:
+        raise UserError("--rpc is only used to measure tuning candidates on the device; add --tune-trials N --tune-dir DIR")
     if tune_trials == 0 and tune_dir is not None and not has_database(tune_dir):
         raise UserError(f"--tune-dir {tune_dir} holds no tuning database; tune first with --tune-trials N")
     if out_dir.exists() and not (out_dir.is_dir() and (out_dir / MANIFEST_NAME).is_file()):

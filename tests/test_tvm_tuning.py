@@ -49,23 +49,33 @@ def model_path(tmp_path_factory) -> Path:
     return path
 
 
-def test_tune_tiny_budget_then_reapply_database(model_path, tmp_path):
-    tune_dir = tmp_path / "db"
+@pytest.fixture(scope="module")
+def tuned(model_path, tmp_path_factory):
+    """One tuning run (2 trials per task) shared by the tests below: (build result, database dir, events)."""
+    work = tmp_path_factory.mktemp("tuned")
     events = []
-    tuned = tvm_backend.compile_model(model_path, "x86", out_dir=tmp_path / "tuned", tune_trials=2, tune_dir=tune_dir,
-                                      on_event=lambda kind, data: events.append(kind))
-    report = tuned.tuning
-    assert tuned.tuned and not tuned.warnings
+    result = tvm_backend.compile_model(model_path, "x86", out_dir=work / "tuned", tune_trials=2, tune_dir=work / "db",
+                                       on_event=lambda kind, data: events.append(kind))
+    return result, work / "db", events
+
+
+def test_tune_tiny_budget(model_path, tuned):
+    result, tune_dir, events = tuned
+    report = result.tuning
+    assert result.tuned and not result.warnings
     assert report.trials_run >= 1 and report.seconds_per_trial > 0
     assert all(task.trials <= 2 for task in report.tasks)
     assert any(task.best_us is not None and task.best_us > 0 for task in report.tasks)
     assert "tasks" in events and "trials" in events
-    manifest = json.loads(tuned.manifest_path.read_text())
+    manifest = json.loads(result.manifest_path.read_text())
     assert manifest["tuned"] and manifest["tuning_database"] == str(tune_dir.resolve())
     assert manifest["tuning"]["trials_per_task"] == 2
     assert 0 < manifest["tuned_kernels"] <= manifest["kernels"]
-    assert tvm_backend.compare_with_onnxruntime(model_path, tuned) < 1e-4
+    assert tvm_backend.compare_with_onnxruntime(model_path, result) < 1e-4
 
+
+def test_reapplying_the_database_takes_seconds(model_path, tuned, tmp_path):
+    _, tune_dir, _ = tuned
     start = time.perf_counter()
     reused = tvm_backend.compile_model(model_path, "x86", out_dir=tmp_path / "reused", tune_dir=tune_dir)
     assert time.perf_counter() - start < 60
@@ -73,15 +83,15 @@ def test_tune_tiny_budget_then_reapply_database(model_path, tmp_path):
     assert tvm_backend.compare_with_onnxruntime(model_path, reused) < 1e-4
 
 
-def test_database_of_another_model_leaves_the_build_untuned(model_path, tmp_path):
+def test_database_of_another_model_leaves_the_build_untuned(tuned, tmp_path):
+    _, tune_dir, _ = tuned
     other = conv_relu_model()
     other.graph.node[0].attribute[0].ints[:] = [0, 0, 0, 0]  # no padding: a different kernel
     other.graph.output[0].type.tensor_type.shape.dim[2].dim_value = 14
     other.graph.output[0].type.tensor_type.shape.dim[3].dim_value = 14
     other_path = tmp_path / "other.onnx"
     onnx.save(other, str(other_path))
-    tvm_backend.compile_model(other_path, "x86", out_dir=tmp_path / "other", tune_trials=1, tune_dir=tmp_path / "db")
-    result = tvm_backend.compile_model(model_path, "x86", out_dir=tmp_path / "o", tune_dir=tmp_path / "db")
+    result = tvm_backend.compile_model(other_path, "x86", out_dir=tmp_path / "o", tune_dir=tune_dir)
     assert not result.tuned and result.manifest["tuned_kernels"] == 0
     assert any("no records for this model" in w for w in result.warnings)
 
@@ -91,6 +101,11 @@ def test_tuning_needs_a_database_dir(model_path, tmp_path):
         tvm_backend.compile_model(model_path, "x86", out_dir=tmp_path / "o", tune_trials=2)
     with pytest.raises(UserError, match="holds no tuning database"):
         tvm_backend.compile_model(model_path, "x86", out_dir=tmp_path / "o", tune_dir=tmp_path / "empty")
+
+
+def test_rpc_without_tuning_is_refused(model_path, tmp_path):
+    with pytest.raises(UserError, match="--rpc is only used"):
+        tvm_backend.compile_model(model_path, "x86", out_dir=tmp_path / "o", rpc=tvm_backend.RpcConfig("127.0.0.1", 9190, "k"))
 
 
 def test_unreachable_tracker_is_a_user_error(model_path, tmp_path):
