@@ -39,3 +39,9 @@ bench-quick: install
 
 clean:
 	rm -rf $(OUT) .pytest_cache
+
+# Build a compressed model for aarch64 with TVM, run it under qemu-aarch64 in an arm64 Debian
+# root (set up from package registries, cached in .cache/arm/) and compare with onnxruntime.
+arm-check: install
+	bash tools/install_cross_toolchains.sh
+	tools/arm_check/arm_check.sh $(ARM_MODEL)
