@@ -78,6 +78,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="ResNet-20, one budget, few images (CI).")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--work", type=Path, default=ROOT / "out" / "bench-models", help="Where compressed models go.")
     parser.add_argument("--models", nargs="*", default=None)
     parser.add_argument("--speedups", nargs="*", type=float, default=None)
     parser.add_argument("--variants", nargs="*", default=None)
@@ -90,6 +91,7 @@ def main() -> None:
     calib_size = 200 if args.quick else 2000
     eval_limit = 500 if args.quick else None
     args.out.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
     test = SHARED / "data/cifar10/test"
     train = SHARED / "data/cifar10/train"
     rows = []
@@ -99,8 +101,8 @@ def main() -> None:
         print(f"{model_name}: original top-1 {base_accuracy['top1']:.4f} on {base_accuracy['n']} test images", flush=True)
         for speedup in speedups:
             for variant in variants:
-                out = args.out / f"{model_name}_{variant}_{speedup:g}x.onnx"
-                report = args.out / f"{model_name}_{variant}_{speedup:g}x.json"
+                out = args.work / f"{model_name}_{variant}_{speedup:g}x.onnx"
+                report = args.work / f"{model_name}_{variant}_{speedup:g}x.json"
                 command = onnxopt("-q", "compress", str(original), "-o", str(out), "--speedup", str(speedup),
                                   "--calib", str(train), "--preset", "cifar10", "--calib-size", str(calib_size),
                                   "--report", str(report), *VARIANTS[variant])
@@ -122,6 +124,7 @@ def main() -> None:
                     "compress_wall_s": wall, "compress_peak_rss_mb": peak_mb,
                     "eval_images": accuracy["n"], "calib_images": calib_size,
                 }
+                row["layers"] = [{k: layer[k] for k in ("name", "rank", "full_rank", "solver")} for layer in data["layers"]]
                 rows.append(row)
                 print(f"  {speedup:g}x {variant:18s} top-1 {accuracy['top1']:.4f} (drop {row['top1_drop_points']:.2f}) "
                       f"MACs {mac_ratio:.2f}x  latency b32 {row['latency_speedup_b32']:.2f}x b1 {row['latency_speedup_b1']:.2f}x  "

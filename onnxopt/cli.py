@@ -117,6 +117,7 @@ def compress(
     solver: str = typer.Option("auto", "--solver", help="auto (ReLU-aware where a ReLU follows), linear, or svd (data-free baseline)."),
     symmetric: bool = typer.Option(False, "--symmetric", help="Take layer inputs from the original model (baseline; default is asymmetric)."),
     allocation: str = typer.Option("energy", "--allocation", help="Rank allocation under the budget: energy or uniform."),
+    cost: str = typer.Option("macs", "--cost", help="What --speedup divides: macs, or latency (each layer timed in onnxruntime; never slower)."),
 ) -> None:
     """Compress IN.onnx to a model with SPEEDUP times fewer MACs, calibrated on your data."""
     from onnxopt.graph import load_model, save_model_atomic
@@ -140,7 +141,7 @@ def compress(
     calib_data, holdout_data = split_source(source, calib_size, holdout, seed)
     options = CompressOptions(speedup=speedup, method=method, exclude=list(exclude or []), seed=seed,
                               rows_per_layer=rows, stages=stages, threads=threads, solver=solver,
-                              asymmetric=not symmetric, allocation=allocation)
+                              asymmetric=not symmetric, allocation=allocation, cost=cost)
     bar, progress = _progress()
     if bar:
         with bar:

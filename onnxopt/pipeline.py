@@ -30,6 +30,7 @@ from onnxopt.calib.capture import CutRunner, cut_before
 from onnxopt.calib.readers import DataSource
 from onnxopt.calib.stats import RowSample, responses_at, sample_positions
 from onnxopt.errors import UserError
+from onnxopt.latency import LayerTimer
 from onnxopt.layers import Layer, find_layers, model_macs
 from onnxopt.passes import allocation, lowrank
 from onnxopt.verify import Verification, verify
@@ -38,6 +39,7 @@ Progress = Callable[[str, int, int], None]
 SHORTCUT = "/shortcut"
 SOLVERS = ("auto", "linear", "svd")
 ALLOCATIONS = ("energy", "uniform")
+COSTS = ("macs", "latency")
 
 
 @dataclass
@@ -53,6 +55,8 @@ class CompressOptions:
     solver: str = "auto"            # "auto" (ReLU-aware where a ReLU follows), "linear", "svd" (data-free)
     asymmetric: bool = True         # inputs from the compressed model (False: from the original)
     allocation: str = "energy"      # "energy" (PCA-energy product, Zhang et al.) or "uniform"
+    cost: str = "macs"              # what --speedup divides: "macs", or "latency" (measured per layer)
+    latency_batch: int = 8
     threads: int = 0
 
 
@@ -161,13 +165,26 @@ class ResponseSampler:
         return {name: sample.array() for name, sample in samples.items()}
 
 
-def _rank_options(layer: Layer, eigenvalues: np.ndarray, multiple: int) -> list[allocation.Option]:
-    options = [allocation.Option(cost=layer.macs, damage=0.0, value=None)]
+def _rank_options(layer: Layer, eigenvalues: np.ndarray, multiple: int, timer: LayerTimer | None = None) -> list[allocation.Option]:
+    """Keep, or factorise at each rank (multiples of ``multiple``) that saves MACs.
+
+    With a ``timer`` the cost of an option is its measured latency, and ranks that are not
+    faster than the layer itself are not offered (never make a layer slower).
+    """
+    ranks = list(range(multiple, lowrank.max_saving_rank(layer) + 1, multiple))
     top = lowrank.max_saving_rank(layer)
-    for rank in range(multiple, top + 1, multiple):
-        options.append(allocation.Option(lowrank.decomposed_macs(layer, rank), allocation.energy_damage(eigenvalues, rank), rank))
-    if top >= 1 and top % multiple and top < multiple:
-        options.append(allocation.Option(lowrank.decomposed_macs(layer, top), allocation.energy_damage(eigenvalues, top), top))
+    if top >= 1 and top < multiple:
+        ranks.append(top)
+    if timer is None:
+        options = [allocation.Option(cost=layer.macs, damage=0.0, value=None)]
+        options += [allocation.Option(lowrank.decomposed_macs(layer, rank), allocation.energy_damage(eigenvalues, rank), rank) for rank in ranks]
+        return options
+    original = timer.seconds(layer)
+    options = [allocation.Option(cost=original, damage=0.0, value=None)]
+    for rank in ranks:
+        seconds = timer.seconds(layer, rank)
+        if seconds < original:
+            options.append(allocation.Option(seconds, allocation.energy_damage(eigenvalues, rank), rank))
     return options
 
 
@@ -231,6 +248,8 @@ def compress(model: onnx.ModelProto, calib: DataSource, holdout: DataSource, opt
         raise UserError(f"unknown --method {options.method!r}; available: lowrank")
     if options.solver not in SOLVERS:
         raise UserError(f"unknown --solver {options.solver!r}; choose one of: {', '.join(SOLVERS)}")
+    if options.cost not in COSTS:
+        raise UserError(f"unknown --cost {options.cost!r}; choose one of: {', '.join(COSTS)}")
     if options.allocation not in ALLOCATIONS:
         raise UserError(f"unknown --allocation {options.allocation!r}; choose one of: {', '.join(ALLOCATIONS)}")
     timings: dict[str, float] = {}
@@ -257,16 +276,27 @@ def compress(model: onnx.ModelProto, calib: DataSource, holdout: DataSource, opt
     for layer in candidates:
         rows = targets[layer.name].astype(np.float64)
         spectra[layer.name] = np.linalg.eigvalsh(np.cov(rows, rowvar=False).reshape(layer.out_channels, layer.out_channels)) if len(rows) > 1 else np.ones(layer.out_channels)
-    layer_options = [_rank_options(layer, spectra[layer.name], options.rank_multiple) for layer in candidates]
+    timer = LayerTimer(batch=options.latency_batch) if options.cost == "latency" else None
+    if timer is not None:               # --speedup divides the summed per-layer latency
+        t0 = time.perf_counter()
+        fixed_cost = sum(timer.seconds(layer) for layer in layers if layer not in candidates and layer.output_hw is not None)
+        layer_options = [_rank_options(layer, spectra[layer.name], options.rank_multiple, timer) for layer in candidates]
+        total_cost = fixed_cost + sum(opts[0].cost for opts in layer_options)
+        budget = total_cost / options.speedup - fixed_cost
+        timings["latency_table"] = time.perf_counter() - t0
+    else:
+        layer_options = [_rank_options(layer, spectra[layer.name], options.rank_multiple) for layer in candidates]
     if options.allocation == "uniform":
         choice = _uniform_choice(candidates, layer_options, budget)
     else:
         choice = allocation.allocate(layer_options, budget)
     if choice is None:
-        best = macs_before / (fixed_macs + sum(min(o.cost for o in opts) for opts in layer_options))
+        fixed, total = (fixed_cost, total_cost) if timer else (fixed_macs, macs_before)
+        best = total / (fixed + sum(min(o.cost for o in opts) for opts in layer_options))
+        what = "measured latency" if timer else "MACs"
         raise UserError(
             f"--speedup {options.speedup:g} is out of reach for low-rank factorisation of this model "
-            f"(at most {best:.2f}x: {fixed_macs / macs_before:.0%} of its MACs are in layers it cannot factor); lower --speedup"
+            f"(at most {best:.2f}x in {what}: {fixed / total:.0%} is in layers it cannot factor or speed up); lower --speedup"
         )
     ranks = {layer.name: opts[k].value for layer, opts, k in zip(candidates, layer_options, choice)}
     chosen = [layer for layer in candidates if ranks[layer.name] is not None]

@@ -91,3 +91,16 @@ def test_costs_and_applicability():
     assert lowrank.applicability(conv) is None
     assert conv.shortcut is None and conv.activation == "relu"
     assert layers["block.conv2"].shortcut is not None and layers["block.conv2"].activation == "relu"
+
+
+def test_latency_cost_offers_only_ranks_measured_faster():
+    from onnxopt.latency import LayerTimer
+    from onnxopt.pipeline import _rank_options
+
+    model, _ = prepare(small_cnn(size=24))
+    layer = next(l for l in find_layers(import_graph(model)) if l.name == "block.conv1")
+    timer = LayerTimer(batch=2, runs=5)
+    options = _rank_options(layer, np.linspace(1, 0, layer.out_channels), 4, timer)
+    assert options[0].value is None and options[0].cost == timer.seconds(layer)
+    assert all(o.cost < options[0].cost for o in options[1:])
+    assert timer.seconds(layer, 4) == timer.seconds(layer, 4)          # memoised per shape signature
