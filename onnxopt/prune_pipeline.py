@@ -58,6 +58,7 @@ from onnxopt.verify import Verification, verify
 METHODS = ("prune", "filter-std", "filter-l1")
 MAX_STATS_DIM = 4608          # consumer input columns (c*kh*kw) above which statistics are not kept
 MAX_OPTIONS = 32              # keep-count options per group
+MIN_ROWS_PER_COLUMN = 4       # least-squares refit only with at least this many rows per input column
 
 
 @dataclass
@@ -196,16 +197,12 @@ class ConsumerSampler:
 # ---------------------------------------------------------------------------- selection
 
 
-def _group_consumers(group: ChannelGroup) -> list[Member]:
-    return [m for m in group.consumers]
-
-
 def _lasso_problem(group: ChannelGroup, stats: dict[str, prune.LinearStats]) -> tuple[np.ndarray, np.ndarray, int]:
     """Summed LASSO ``G``, ``q`` over the group's consumers (other Concat channels fixed)."""
     gram_total = np.zeros((group.channels, group.channels))
     q_total = np.zeros(group.channels)
     n = 0
-    for member in _group_consumers(group):
+    for member in group.consumers:
         node = member.node
         s = stats[_node_name(node)]
         weight = _consumer_weight(node)
@@ -228,36 +225,46 @@ def _kept_columns(group: ChannelGroup, member: Member, keep: np.ndarray) -> np.n
     return np.setdiff1d(np.arange(columns), prune.block_columns(removed, block))
 
 
-def _refit(group: ChannelGroup, keep: np.ndarray, stats: dict[str, prune.LinearStats]) -> tuple[dict, float, float, dict]:
+def _refit(group: ChannelGroup, keep: np.ndarray, stats: dict[str, prune.LinearStats],
+           unfitted: set[str] | None = None) -> tuple[dict, float, float, dict]:
     """Least-squares refit of every consumer on the kept columns.
 
-    Returns ONNX-layout weights by consumer name, the summed squared error and target
-    energy, and per-consumer (error before, error after).
+    A consumer with fewer than ``MIN_ROWS_PER_COLUMN`` sampled rows per kept input column
+    (e.g. a classifier conv after global pooling: one row per image) keeps its sliced
+    original weights instead (named in ``unfitted``). Returns ONNX-layout weights by consumer
+    name, the summed squared error and target energy, and per-consumer (error before, after).
     """
+    unfitted = set() if unfitted is None else unfitted
     weights, errors = {}, {}
     err_sum, energy = 0.0, 0.0
-    for member in _group_consumers(group):
+    for member in group.consumers:
         node = member.node
         name = _node_name(node)
         s = stats[name]
         columns = _kept_columns(group, member, keep)
-        weight, bias = prune.least_squares(s, columns)
+        full = _consumer_weight(node)
+        if s.n >= MIN_ROWS_PER_COLUMN * len(columns):
+            weight, bias = prune.least_squares(s, columns)
+        else:       # too few rows: a refit would overfit; keep the sliced original weights
+            weight, bias = full[:, columns], _consumer_bias(node)
+            unfitted.add(name)
         weights[name] = (_onnx_weight(node, weight), bias.astype(np.float32))
         err_sum += prune.residual(s, weight, columns)
         energy += float(np.trace(s.syy))
-        full = _consumer_weight(node)
         errors[name] = (prune.relative_error(s, full, np.arange(full.shape[1]), _consumer_bias(node)),
                         prune.relative_error(s, weight, columns, bias))
     return weights, err_sum, energy, errors
 
 
 def _select(method: str, group: ChannelGroup, plan: GroupPlan, keep_count: int,
-            stats: dict[str, prune.LinearStats] | None, path=None) -> np.ndarray:
+            stats: dict[str, prune.LinearStats] | None, path: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """Kept channel indices: LASSO path (``prune``; ``path`` = precomputed (G, coefs)) or ranking."""
     if method == "prune":
-        gram, q, n = _lasso_problem(group, stats)
         if path is None:
+            gram, q, n = _lasso_problem(group, stats)
             return prune.lasso_select(gram, q, n, keep_count)
-        return prune.select_from_path(path, keep_count, gram)
+        gram, coefs = path
+        return prune.select_from_path(coefs, keep_count, gram)
     return prune.rank_select(plan.scores, keep_count)
 
 
@@ -380,9 +387,10 @@ def compress_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Da
         raise UserError(f"nothing to prune: no channel group can be pruned ({detail})")
     if method != "prune":
         originals = {_node_name(n): n for n in graphs.import_graph(model).nodes if n.op in ("Conv", "Gemm")}
+        analysed = find_groups(graph)
         for plan in plans:
             node = originals.get(plan.name)
-            producer = group_of(find_groups(graph), plan.name).producers[0].node
+            producer = group_of(analysed, plan.name).producers[0].node
             weight = node.inputs[1].values if node is not None and isinstance(node.inputs[1], gs.Constant) else None
             if weight is None or weight.shape[0] != plan.channels:
                 weight = producer.inputs[1].values
@@ -429,7 +437,7 @@ def compress_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Da
             path = None
             if method == "prune":
                 gram, q, n = _lasso_problem(group, original_stats)
-                path = prune.lasso_path(gram, q, n)
+                path = (gram, prune.lasso_path(gram, q, n))
             damages = []
             for count in plan.counts:
                 keep = _select(method, group, plan, count, original_stats, path)
@@ -451,6 +459,7 @@ def compress_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Da
     runner = CutRunner(samples, options.threads, options.memory_budget) if data else None
     consumer_errors: dict[str, tuple[float, float]] = {}
     kept_by_producer: dict[str, tuple[int, int]] = {}
+    unfitted: set[str] = set()
     for number, plan in enumerate(chosen, 1):
         group = group_of(find_groups(graph), plan.name)
         stats = None
@@ -465,7 +474,7 @@ def compress_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Da
             keep = _select(method, group, plan, plan.keep, stats)
             weights = None
             if data:
-                weights, _, _, errors = _refit(group, keep, stats)
+                weights, _, _, errors = _refit(group, keep, stats, unfitted)
                 consumer_errors.update(errors)
         apply_keep(graph, group, keep, weights)
         kept_by_producer[plan.name] = (len(keep), plan.channels)
@@ -497,6 +506,8 @@ def compress_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Da
             result.rank, result.full_rank = kept_by_producer[layer.name]
         if changed:
             result.solver = label
+            if layer.name in unfitted:
+                result.solver += " (sliced, no refit: too few calibration rows)"
             if layer.name in consumer_errors:
                 result.error_before, result.error_after = consumer_errors[layer.name]
         else:

@@ -237,7 +237,6 @@ def find_groups(graph: gs.Graph) -> list[ChannelGroup]:
     freeze: dict[str, list[str]] = {}           # tensor -> reasons
     foreign: dict[str, list[str]] = {}          # tensor -> channels that come from a non-producer
     concat_parts: dict[str, list[tuple[str, gs.Node, int]]] = {}   # concat output -> (input tensor, node, index)
-    produced_by_model: set[str] = set()         # tensors whose channels are explained (producer or mapping)
     graph_outputs = {t.name for t in graph.outputs}
 
     def add(tensor: gs.Variable, member: Member) -> None:
@@ -254,12 +253,10 @@ def find_groups(graph: gs.Graph) -> list[ChannelGroup]:
             if _is_var(out):
                 uf.find(out.name)
                 foreign.setdefault(out.name, []).append(why)
-                produced_by_model.add(out.name)
 
     for tensor in graph.inputs:
         uf.find(tensor.name)
         foreign.setdefault(tensor.name, []).append(f"graph input {tensor.name}")
-        produced_by_model.add(tensor.name)
 
     for node in graph.nodes:
         label = f"{node.op} {node.name or node.outputs[0].name if node.outputs else node.op}"
@@ -267,8 +264,10 @@ def find_groups(graph: gs.Graph) -> list[ChannelGroup]:
         out = node.outputs[0] if node.outputs and _is_var(node.outputs[0]) else None
         if out is not None:
             uf.find(out.name)
-            produced_by_model.add(out.name)
         op = node.op
+        if node.inputs and not _is_var(node.inputs[0]) and op not in ("Concat", "Add", "Sub", "Mul", "Div"):
+            untracked_outputs(node, f"output of {label} (computed from constants)")
+            continue
         if op == "Conv" and len(node.inputs) >= 2:
             weight = _const_value(node.inputs[1])
             x = node.inputs[0]
@@ -285,7 +284,7 @@ def find_groups(graph: gs.Graph) -> list[ChannelGroup]:
                     add(out, Member(node, "producer"))
                 else:
                     untracked_outputs(node, f"output of {label} (non-constant bias)")
-            elif groups == weight.shape[1] * groups // 1 and weight.shape[1] == 1 and weight.shape[0] == groups and bias_ok:
+            elif weight.shape[1] == 1 and weight.shape[0] == groups and bias_ok:     # depthwise, multiplier 1
                 uf.union(x.name, out.name)
                 add(x, Member(node, "depthwise"))
             else:

@@ -147,6 +147,9 @@ def test_pipeline_on_small_cnn(method):
     assert pruned and all(layer.rank % 4 == 0 and layer.rank < layer.full_rank for layer in pruned)
     stem = next(layer for layer in result.layers if layer.name == "stem")
     assert stem.skipped and "residual" in stem.skipped
+    fc = next(layer for layer in result.layers if layer.name == "fc")      # one row per image after GAP
+    kept_inputs = (fc.params_after - 10) // 10
+    assert ("no refit" in fc.solver) == (80 < 4 * kept_inputs)
 
 
 def test_data_free_filter_pruning_slices_only():
@@ -169,6 +172,7 @@ def test_round_to_and_refusals():
         compress_prune(model, None, None, CompressOptions(speedup=2, method="lowrank"))
 
 
+@pytest.mark.slow
 def test_resnet20_prune_keeps_accuracy():
     """ResNet-20 (option-A shortcuts: Slice + channel Pad, left alone) at 1.3x, 500 test images."""
     from onnxopt.calib.capture import make_session
