@@ -171,9 +171,9 @@ def _rank_options(layer: Layer, eigenvalues: np.ndarray, multiple: int, timer: L
     With a ``timer`` the cost of an option is its measured latency, and ranks that are not
     faster than the layer itself are not offered (never make a layer slower).
     """
-    ranks = list(range(multiple, lowrank.max_saving_rank(layer) + 1, multiple))
     top = lowrank.max_saving_rank(layer)
-    if top >= 1 and top < multiple:
+    ranks = list(range(multiple, top + 1, multiple))
+    if 1 <= top < multiple:
         ranks.append(top)
     if timer is None:
         options = [allocation.Option(cost=layer.macs, damage=0.0, value=None)]
@@ -186,6 +186,44 @@ def _rank_options(layer: Layer, eigenvalues: np.ndarray, multiple: int, timer: L
         if seconds < original:
             options.append(allocation.Option(seconds, allocation.energy_damage(eigenvalues, rank), rank))
     return options
+
+
+def choose_ranks(layers: list[Layer], candidates: list[Layer], targets: dict[str, np.ndarray],
+                 options: CompressOptions, timings: dict[str, float]) -> dict[str, int | None]:
+    """A rank for each candidate (None: keep it) so that the cost drops by ``options.speedup``.
+
+    The cost is MACs (exact per layer) or, with ``cost="latency"``, the sum of per-layer
+    onnxruntime latencies; damage is the response energy lost (Zhang et al.), from the
+    eigenvalues of each layer's response covariance in the original model.
+    """
+    spectra = {}
+    for layer in candidates:
+        rows = targets[layer.name].astype(np.float64)
+        spectra[layer.name] = (np.linalg.eigvalsh(np.atleast_2d(np.cov(rows, rowvar=False))) if len(rows) > 1
+                               else np.ones(layer.out_channels))
+    timer = LayerTimer(batch=options.latency_batch) if options.cost == "latency" else None
+    t0 = time.perf_counter()
+    layer_options = [_rank_options(layer, spectra[layer.name], options.rank_multiple, timer) for layer in candidates]
+    others = [layer for layer in layers if layer not in candidates and layer.output_hw is not None]
+    if timer is None:
+        fixed = sum(layer.macs for layer in others)
+    else:
+        fixed = sum(timer.seconds(layer) for layer in others)
+        timings["latency_table"] = time.perf_counter() - t0
+    total = fixed + sum(opts[0].cost for opts in layer_options)
+    budget = total / options.speedup - fixed
+    if options.allocation == "uniform":
+        choice = _uniform_choice(candidates, layer_options, budget)
+    else:
+        choice = allocation.allocate(layer_options, budget)
+    if choice is None:
+        best = total / (fixed + sum(min(o.cost for o in opts) for opts in layer_options))
+        what = "measured latency" if timer else "MACs"
+        raise UserError(
+            f"--speedup {options.speedup:g} is out of reach for low-rank factorisation of this model "
+            f"(at most {best:.2f}x in {what}: {fixed / total:.0%} is in layers it cannot factor or speed up); lower --speedup"
+        )
+    return {layer.name: opts[k].value for layer, opts, k in zip(candidates, layer_options, choice)}
 
 
 def _uniform_choice(layers: list[Layer], layer_options: list[list[allocation.Option]], budget: float) -> list[int] | None:
@@ -262,8 +300,6 @@ def compress(model: onnx.ModelProto, calib: DataSource, holdout: DataSource, opt
         detail = "; ".join(f"{name}: {why}" for name, why in list(reasons.items())[:3]) or "the model has no Conv or Gemm layers"
         raise UserError(f"nothing to compress: no layer can be low-rank factorised ({detail})")
     macs_before = model_macs(layers)
-    fixed_macs = macs_before - sum(layer.macs for layer in candidates)
-    budget = macs_before / options.speedup - fixed_macs
     timings["prepare"] = time.perf_counter() - start
 
     sampler = ResponseSampler(calib, candidates, options.rows_per_layer, options.seed)
@@ -272,33 +308,7 @@ def compress(model: onnx.ModelProto, calib: DataSource, holdout: DataSource, opt
     targets = sampler.collect(prepared, candidates, CutRunner(samples, options.threads), progress, "original model")
     timings["capture_original"] = time.perf_counter() - t0
 
-    spectra = {}
-    for layer in candidates:
-        rows = targets[layer.name].astype(np.float64)
-        spectra[layer.name] = np.linalg.eigvalsh(np.cov(rows, rowvar=False).reshape(layer.out_channels, layer.out_channels)) if len(rows) > 1 else np.ones(layer.out_channels)
-    timer = LayerTimer(batch=options.latency_batch) if options.cost == "latency" else None
-    if timer is not None:               # --speedup divides the summed per-layer latency
-        t0 = time.perf_counter()
-        fixed_cost = sum(timer.seconds(layer) for layer in layers if layer not in candidates and layer.output_hw is not None)
-        layer_options = [_rank_options(layer, spectra[layer.name], options.rank_multiple, timer) for layer in candidates]
-        total_cost = fixed_cost + sum(opts[0].cost for opts in layer_options)
-        budget = total_cost / options.speedup - fixed_cost
-        timings["latency_table"] = time.perf_counter() - t0
-    else:
-        layer_options = [_rank_options(layer, spectra[layer.name], options.rank_multiple) for layer in candidates]
-    if options.allocation == "uniform":
-        choice = _uniform_choice(candidates, layer_options, budget)
-    else:
-        choice = allocation.allocate(layer_options, budget)
-    if choice is None:
-        fixed, total = (fixed_cost, total_cost) if timer else (fixed_macs, macs_before)
-        best = total / (fixed + sum(min(o.cost for o in opts) for opts in layer_options))
-        what = "measured latency" if timer else "MACs"
-        raise UserError(
-            f"--speedup {options.speedup:g} is out of reach for low-rank factorisation of this model "
-            f"(at most {best:.2f}x in {what}: {fixed / total:.0%} is in layers it cannot factor or speed up); lower --speedup"
-        )
-    ranks = {layer.name: opts[k].value for layer, opts, k in zip(candidates, layer_options, choice)}
+    ranks = choose_ranks(layers, candidates, targets, options, timings)
     chosen = [layer for layer in candidates if ranks[layer.name] is not None]
 
     results: dict[str, LayerResult] = {}
