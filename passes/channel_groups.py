@@ -102,6 +102,13 @@ class ChannelGroup:
     def is_residual(self) -> bool:
         return any(m.role == "residual-add" for m in self.members)
 
+    def to_json(self) -> dict:
+        def names(items):
+            return [{"op": m.node.op, "name": m.node.name or m.node.outputs[0].name, "role": m.role,
+                     "offset": m.offset, "block": m.block} for m in items]
+        return {"name": self.name, "channels": self.channels, "prunable": self.prunable, "reason": self.reason,
+                "producers": names(self.producers), "members": names(self.members), "consumers": names(self.consumers)}
+
     def describe(self) -> str:
         head = f"group {self.name}: {self.channels} channels, "
         head += "prunable" if self.prunable else f"frozen ({self.reason})"

@@ -169,6 +169,7 @@ def test_chain_group_members_and_rewrite():
     assert [m.node.name for m in group.consumers] == ["c2"]
     assert {m.node.op for m in group.members} >= {"Relu", "BatchNormalization", "Mul", "MaxPool"}
     assert "c1" in group.describe() and "c2" in group.describe()
+    assert group.to_json()["consumers"][0]["name"] == "c2"
     _check_pruned(chain_model(), "c1", [0, 2, 3, 7])
 
 
