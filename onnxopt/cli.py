@@ -74,6 +74,7 @@ def _preprocess(preset, size, resize, mean, std, scale, channel_order):
 def inspect(
     model_path: Path = typer.Argument(..., metavar="IN.onnx", help="Model to inspect."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    groups: bool = typer.Option(False, "--groups", help="Also print the channel groups pruning sees, and why frozen ones are."),
 ) -> None:
     """Every Conv/Gemm: shape, kernel, stride, group, MACs, params, and what a pass can do with it."""
     from onnxopt.graph import import_graph, load_model, prepare
@@ -85,18 +86,29 @@ def inspect(
     prepared, preparation = prepare(model)
     layers = find_layers(import_graph(prepared))
     rows = layer_rows(layers, {layer.name: lowrank.applicability(layer) for layer in layers})
+    channel_groups = []
+    if groups:
+        from onnxopt.passes.channel_groups import find_groups
+
+        channel_groups = find_groups(import_graph(prepared))
     if as_json:
-        print_json({"model": str(model_path), "preparation": preparation, "layers": rows,
-                    "total_macs": sum(r["macs"] or 0 for r in rows), "total_params": sum(r["params"] for r in rows)})
+        data = {"model": str(model_path), "preparation": preparation, "layers": rows,
+                "total_macs": sum(r["macs"] or 0 for r in rows), "total_params": sum(r["params"] for r in rows)}
+        if groups:
+            data["channel_groups"] = [group.describe() for group in channel_groups]
+        print_json(data)
     else:
-        Console().print(inspect_table(rows, f"{model_path.name}: {len(rows)} Conv/Gemm layers"))
+        out = Console()
+        out.print(inspect_table(rows, f"{model_path.name}: {len(rows)} Conv/Gemm layers"))
+        for group in channel_groups:
+            out.print(group.describe(), highlight=False)
 
 
 @app.command()
 def compress(
     model_path: Path = typer.Argument(..., metavar="IN.onnx", help="Trained model (never modified)."),
     output: Path = typer.Option(..., "-o", "--output", help="Where to write the compressed model."),
-    method: str = typer.Option("lowrank", "--method", help="Compression method: lowrank."),
+    method: str = typer.Option("lowrank", "--method", help="lowrank (Zhang et al.), prune (He et al. LASSO + least squares), filter-std or filter-l1 (data-free ranking; refit with --calib)."),
     speedup: float = typer.Option(..., "--speedup", help="Target: whole-model MACs become at most original/SPEEDUP."),
     calib: Optional[list[str]] = typer.Option(None, "--calib", help="Calibration data: image folder, .npy/.npz, or name:file.npy (repeatable)."),
     preset: Optional[str] = PresetOption,
@@ -117,6 +129,7 @@ def compress(
     solver: str = typer.Option("auto", "--solver", help="auto (ReLU-aware where a ReLU follows), linear, or svd (data-free baseline)."),
     symmetric: bool = typer.Option(False, "--symmetric", help="Take layer inputs from the original model (baseline; default is asymmetric)."),
     allocation: str = typer.Option("energy", "--allocation", help="Rank allocation under the budget: energy or uniform."),
+    round_to: int = typer.Option(4, "--round-to", help="Pruning: kept channel counts are multiples of this (1, 4, 8, 16)."),
     cost: str = typer.Option("macs", "--cost", help="What --speedup divides: macs, or latency (each layer timed in onnxruntime; never slower)."),
 ) -> None:
     """Compress IN.onnx to a model with SPEEDUP times fewer MACs, calibrated on your data."""
@@ -132,16 +145,19 @@ def compress(
     _check_output_path(model_path, output)
     if report is not None:
         _check_output_path(model_path, report)
+    if round_to < 1:
+        raise UserError(f"--round-to must be at least 1 (got {round_to})")
     model = load_model(model_path)
-    if not calib:
-        raise UserError(f"--method {method} is data-driven: give calibration data with --calib (an image folder or .npz)")
-    inputs = model_inputs(model)
     prep = _preprocess(preset, size, resize, mean, std, scale, channel_order)
-    source = open_source(calib, inputs, prep)
-    calib_data, holdout_data = split_source(source, calib_size, holdout, seed)
+    calib_data = holdout_data = None
+    if calib:
+        source = open_source(calib, model_inputs(model), prep)
+        calib_data, holdout_data = split_source(source, calib_size, holdout, seed)
+    elif not method.startswith("filter-"):
+        raise UserError(f"--method {method} is data-driven: give calibration data with --calib (an image folder or .npz)")
     options = CompressOptions(speedup=speedup, method=method, exclude=list(exclude or []), seed=seed,
                               rows_per_layer=rows, stages=stages, threads=threads, solver=solver,
-                              asymmetric=not symmetric, allocation=allocation, cost=cost)
+                              asymmetric=not symmetric, allocation=allocation, cost=cost, round_to=round_to)
     bar, progress = _progress()
     if bar:
         with bar:
@@ -150,7 +166,7 @@ def compress(
         result = run_compress(model, calib_data, holdout_data, options)
     save_model_atomic(result.model, output)
     data = {"input": str(model_path), "output": str(output), "method": method, "speedup_target": speedup,
-            "preprocess": prep.describe(), "calib": " ".join(calib), "seed": seed, **result.to_json()}
+            "preprocess": prep.describe(), "calib": " ".join(calib or []), "seed": seed, **result.to_json()}
     if report is not None:
         write_json(data, report)
     if not _state["quiet"]:

@@ -39,6 +39,8 @@ Progress = Callable[[str, int, int], None]
 SHORTCUT = "/shortcut"
 SOLVERS = ("auto", "linear", "svd")
 ALLOCATIONS = ("energy", "uniform")
+PRUNE_METHODS = ("prune", "filter-std", "filter-l1")
+METHODS = ("lowrank", *PRUNE_METHODS)
 COSTS = ("macs", "latency")
 
 
@@ -56,6 +58,7 @@ class CompressOptions:
     asymmetric: bool = True         # inputs from the compressed model (False: from the original)
     allocation: str = "energy"      # "energy" (PCA-energy product, Zhang et al.) or "uniform"
     cost: str = "macs"              # what --speedup divides: "macs", or "latency" (measured per layer)
+    round_to: int = 4               # pruning: kept channel counts are multiples of this
     latency_batch: int = 8
     threads: int = 0
 
@@ -278,12 +281,19 @@ def plan_candidates(layers: list[Layer], exclude: list[str]) -> tuple[list[Layer
     return candidates, reasons
 
 
-def compress(model: onnx.ModelProto, calib: DataSource, holdout: DataSource, options: CompressOptions,
+def compress(model: onnx.ModelProto, calib: DataSource | None, holdout: DataSource | None, options: CompressOptions,
              progress: Progress | None = None) -> CompressionResult:
+    """Compress ``model`` with ``options.method`` (see the module docstring for low-rank)."""
     if options.speedup <= 1:
         raise UserError(f"--speedup must be greater than 1 (got {options.speedup})")
-    if options.method != "lowrank":
-        raise UserError(f"unknown --method {options.method!r}; available: lowrank")
+    if options.method not in METHODS:
+        raise UserError(f"unknown --method {options.method!r}; choose one of: {', '.join(METHODS)}")
+    if options.method in PRUNE_METHODS:
+        from onnxopt.prune_pipeline import compress_prune
+
+        return compress_prune(model, calib, holdout, options, progress)
+    if calib is None:
+        raise UserError("--method lowrank is data-driven: give calibration data with --calib (an image folder or .npz)")
     if options.solver not in SOLVERS:
         raise UserError(f"unknown --solver {options.solver!r}; choose one of: {', '.join(SOLVERS)}")
     if options.cost not in COSTS:

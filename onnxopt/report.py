@@ -63,8 +63,8 @@ def compress_tables(result: CompressionResult) -> list[Table]:
         if row.rank is None:
             layers.add_row(row.name, row.shape, "-", row.skipped or "", human(row.macs_before), human(row.macs_after), "", "")
         else:
-            layers.add_row(row.name, row.shape, f"{row.rank}/{row.full_rank}", row.solver, human(row.macs_before), human(row.macs_after),
-                           f"{row.error_before:.3f}", f"{row.error_after:.3f}")
+            layers.add_row(row.name, row.shape, f"{row.rank}/{row.full_rank}", row.solver or "", human(row.macs_before), human(row.macs_after),
+                           _fixed(row.error_before), _fixed(row.error_after))
     summary = Table(title="Before / after")
     for column in ("", "before", "after", "ratio"):
         summary.add_column(column, justify="right")
@@ -78,6 +78,10 @@ def compress_tables(result: CompressionResult) -> list[Table]:
         summary.add_row("top-1 agreement", "", f"{check.top1_agreement:.2%}", "")
     summary.add_row("time", "", f"{result.timings['total']:.1f} s", "")
     return [layers, summary]
+
+
+def _fixed(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
 
 
 def write_json(data: dict, path: Path) -> None:

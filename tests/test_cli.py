@@ -149,3 +149,33 @@ def test_same_input_and_seed_give_byte_identical_output(tmp_path, small_model_fi
         assert result.returncode == 0, result.stderr
         outputs.append(out.read_bytes())
     assert outputs[0] == outputs[1]
+
+
+@pytest.mark.parametrize("method,with_data", [("prune", True), ("filter-std", False), ("filter-l1", True)])
+def test_pruning_methods_from_the_command_line(tmp_path, small_model_file, small_calib_file, method, with_data):
+    out = tmp_path / "pruned.onnx"
+    report = tmp_path / "r.json"
+    args = ["compress", small_model_file, "-o", out, "--method", method, "--speedup", "1.3", "--report", report]
+    if with_data:
+        args += ["--calib", small_calib_file]
+    result = onnxopt(*args)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(report.read_text())
+    assert data["macs_after"] * 1.3 <= data["macs_before"] * 1.0001
+    model = onnx.load(out)
+    onnx.checker.check_model(model, full_check=True)
+    x = np.random.default_rng(0).standard_normal((2, 3, 12, 12)).astype(np.float32)
+    assert run(model, {"x": x})[0].shape == (2, 10)
+
+
+def test_unknown_method_and_lowrank_without_data(tmp_path, small_model_file, small_calib_file):
+    assert_user_error(onnxopt("compress", small_model_file, "-o", tmp_path / "o.onnx", "--method", "magic", "--speedup", "2",
+                              "--calib", small_calib_file), "--method")
+    assert_user_error(onnxopt("compress", small_model_file, "-o", tmp_path / "o.onnx", "--speedup", "2"), "--calib")
+
+
+def test_inspect_groups(small_model_file):
+    result = onnxopt("inspect", small_model_file, "--groups", "--json")
+    assert result.returncode == 0, result.stderr
+    groups = json.loads(result.stdout)["channel_groups"]
+    assert any("prunable" in g for g in groups) and any("frozen" in g for g in groups)
