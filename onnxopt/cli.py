@@ -95,7 +95,7 @@ def inspect(
         data = {"model": str(model_path), "preparation": preparation, "layers": rows,
                 "total_macs": sum(r["macs"] or 0 for r in rows), "total_params": sum(r["params"] for r in rows)}
         if groups:
-            data["channel_groups"] = [group.describe() for group in channel_groups]
+            data["channel_groups"] = [group.to_json() for group in channel_groups]
         print_json(data)
     else:
         out = Console()

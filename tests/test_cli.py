@@ -178,4 +178,7 @@ def test_inspect_groups(small_model_file):
     result = onnxopt("inspect", small_model_file, "--groups", "--json")
     assert result.returncode == 0, result.stderr
     groups = json.loads(result.stdout)["channel_groups"]
-    assert any("prunable" in g for g in groups) and any("frozen" in g for g in groups)
+    by_name = {g["name"]: g for g in groups}
+    assert by_name["block.conv1"]["prunable"]                                  # interior of the residual block
+    assert [c["name"] for c in by_name["block.conv1"]["consumers"]] == ["block.conv2"]
+    assert not by_name["fc"]["prunable"] and "output" in by_name["fc"]["reason"]
