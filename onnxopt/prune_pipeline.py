@@ -13,10 +13,13 @@
    of ``round_to`` (or all). Cost: the MACs the group's producer, depthwise members and
    consumers keep, linear in ``k`` (a layer that is the consumer of one group and the producer
    of another is bilinear; the budget is lowered until the exact MAC count meets the target).
-   Damage [design]: the relative squared reconstruction error of the consumers' responses
-   after selection + least-squares refit on the ORIGINAL model's statistics (``prune``, and
-   the ``filter-*`` methods with data), or the fraction of the ranking-score mass removed
-   (``filter-*`` without data).
+   Damage [design]: the squared reconstruction error of the consumers' responses after
+   selection + least-squares refit on the ORIGINAL model's statistics (``prune``, and the
+   ``filter-*`` methods with data), relative to the energy of the consumers' outputs; for a
+   consumer feeding a residual Add, of the block output ``branch + shortcut`` (a branch that
+   adds little to its block may lose more: on ResNet-20 at 1.5x this gave 77.7% top-1 instead
+   of 76.2% with the branch's own energy). Without data (``filter-*``): the fraction of the
+   ranking-score mass removed.
 4. Walk the groups in topological order of their producers. For each, run the CURRENT
    (partly pruned) model from a stored graph cut just before the producer
    (``calib.capture.CutRunner``) to get the consumers' input patches ``X``; the targets
@@ -427,6 +430,15 @@ def compress_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Da
         timings["capture_original"] = time.perf_counter() - t0
 
     # ---- allocation
+    # damage = squared reconstruction error / energy of what the consumer's output becomes:
+    # the block output ``branch + shortcut`` for a consumer that feeds a residual Add.
+    output_energy: dict[str, float] = {}
+    for name in consumer_nodes:
+        if name in targets:
+            rows = np.concatenate(targets[name]).astype(np.float64)
+            if name + SHORTCUT in targets:
+                rows = rows + np.concatenate(targets[name + SHORTCUT])
+            output_energy[name] = float(np.square(rows - rows.mean(0)).sum())
     t0 = time.perf_counter()
     with threadpool_limits(limits=1, user_api="blas"):
         for plan in plans:
@@ -442,6 +454,7 @@ def compress_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Da
             for count in plan.counts:
                 keep = _select(method, group, plan, count, original_stats, path)
                 _, err, energy, _ = _refit(group, keep, original_stats)
+                energy = sum(output_energy.get(_node_name(m.node), 0.0) for m in group.consumers) or energy
                 damages.append(err / max(energy, 1e-300))
             plan.damages = damages
     counts = allocate_counts(graph, layer_list, plans, target)
