@@ -228,22 +228,35 @@ def evaluate_command(
 @app.command()
 def bench(
     model_path: Path = typer.Argument(..., metavar="MODEL.onnx"),
-    baseline: Optional[Path] = typer.Option(None, "--baseline", help="Also time this model, alternating runs, and report the ratio."),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="Also time this model and report the ratio."),
     batch: int = typer.Option(1, "--batch"),
     threads: int = typer.Option(1, "--threads"),
     runs: int = typer.Option(30, "--runs", help="Timed runs per model (at least)."),
+    runtime: str = typer.Option("ort", "--runtime", help="ort (onnxruntime) or tvm (compiled for this host, see docs/TVM.md)."),
+    tune_dir: Optional[Path] = typer.Option(None, "--tune-dir", help="tvm: apply the tuning database in this folder."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """onnxruntime CPU latency (median of repeated runs), optionally against a baseline."""
+    """CPU latency (median of repeated runs), optionally against a baseline; onnxruntime or TVM."""
     from onnxopt.graph import load_model
-    from onnxopt.latency import measure
+    from onnxopt.latency import Latency, measure
     from onnxopt.report import print_json
 
     if batch < 1 or threads < 1 or runs < 1:
         raise UserError("--batch, --threads and --runs must be at least 1")
-    models = [load_model(model_path)] + ([load_model(baseline)] if baseline else [])
-    timings = measure(models, batch=batch, threads=threads, runs=runs)
-    data = {"model": str(model_path), "batch": batch, "threads": threads, "latency": timings[0].to_json()}
+    if runtime not in ("ort", "tvm"):
+        raise UserError(f"--runtime must be ort or tvm, got {runtime!r}")
+    paths = [model_path] + ([baseline] if baseline else [])
+    models = [load_model(path) for path in paths]
+    if runtime == "ort":                   # runs of the two models alternate: same background load
+        timings = measure(models, batch=batch, threads=threads, runs=runs)
+    else:
+        from onnxopt import tvm_backend
+
+        timings = []
+        for path in paths:
+            seconds = tvm_backend.measure_latency(path, batch=batch, threads=threads, repeats=runs, tune_dir=tune_dir)
+            timings.append(Latency(seconds * 1e3, seconds * 1e3, seconds * 1e3, runs))
+    data = {"model": str(model_path), "runtime": runtime, "batch": batch, "threads": threads, "latency": timings[0].to_json()}
     if baseline:
         data["baseline"] = str(baseline)
         data["baseline_latency"] = timings[1].to_json()
@@ -252,7 +265,7 @@ def bench(
         print_json(data)
         return
     out = Console()
-    out.print(f"{model_path.name}: {timings[0].median_ms:.3f} ms median (batch {batch}, {threads} thread(s), {timings[0].runs} runs)")
+    out.print(f"{model_path.name}: {timings[0].median_ms:.3f} ms median ({runtime}, batch {batch}, {threads} thread(s), {timings[0].runs} runs)")
     if baseline:
         out.print(f"{baseline.name}: {timings[1].median_ms:.3f} ms median -> speed-up {data['speedup']:.2f}x")
 

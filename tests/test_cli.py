@@ -182,3 +182,14 @@ def test_inspect_groups(small_model_file):
     assert by_name["block.conv1"]["prunable"]                                  # interior of the residual block
     assert [c["name"] for c in by_name["block.conv1"]["consumers"]] == ["block.conv2"]
     assert not by_name["fc"]["prunable"] and "output" in by_name["fc"]["reason"]
+
+
+def test_bench_onnxruntime_and_tvm(small_model_file):
+    result = onnxopt("bench", small_model_file, "--baseline", small_model_file, "--runs", "5", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["latency"]["median_ms"] > 0 and 0.3 < data["speedup"] < 3
+    pytest.importorskip("tvm")
+    result = onnxopt("bench", small_model_file, "--runtime", "tvm", "--runs", "5", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["runtime"] == "tvm"
