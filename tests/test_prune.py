@@ -149,7 +149,8 @@ def test_pipeline_on_small_cnn(method):
     assert stem.skipped and "residual" in stem.skipped
     fc = next(layer for layer in result.layers if layer.name == "fc")      # one row per image after GAP
     kept_inputs = (fc.params_after - 10) // 10
-    assert ("no refit" in fc.solver) == (80 < 4 * kept_inputs)
+    if fc.solver is not None:
+        assert ("no refit" in fc.solver) == (80 < 4 * kept_inputs)
 
 
 def test_data_free_filter_pruning_slices_only():
@@ -197,3 +198,25 @@ def test_resnet20_prune_keeps_accuracy():
     onnx.checker.check_model(result.model, full_check=True)
     before, after = accuracy(model), accuracy(result.model)
     assert after >= before - 0.05, (before, after)
+
+
+def test_consumer_with_too_few_rows_keeps_sliced_weights():
+    """One row per image after global pooling: no least-squares refit, the sliced weights stay."""
+    from test_channel_groups import gemm_model
+
+    from onnxopt.graph import import_graph, prepare
+    from onnxopt.passes.channel_groups import find_groups, group_of
+    from onnxopt.prune_pipeline import _consumer_weight, _refit
+
+    graph = import_graph(prepare(gemm_model(gap=True))[0])
+    group = group_of(find_groups(graph), "c1")
+    fc = group.consumers[0].node
+    rng = np.random.default_rng(0)
+    for rows, refit in ((8, False), (400, True)):
+        x = rng.standard_normal((rows, 6))
+        stats = _stats(x, x @ _consumer_weight(fc).T + 0.1 * rng.standard_normal((rows, 4)))
+        unfitted = set()
+        weights, _, _, _ = _refit(group, np.array([0, 2, 5]), {"fc": stats}, unfitted)
+        sliced = _consumer_weight(fc)[:, [0, 2, 5]]              # (N, K): the initializer layout with transB=1
+        assert ("fc" in unfitted) == (not refit)
+        assert np.allclose(weights["fc"][0], sliced, atol=1e-6) == (not refit)
