@@ -62,6 +62,7 @@ def test_lasso_path_agrees_with_sklearn_lasso_on_a_lambda_grid():
         coef = Lasso(alpha=alpha, fit_intercept=False, tol=1e-10, max_iter=100000).fit(features, target).coef_
         support = tuple(np.flatnonzero(np.abs(coef) > 1e-10))
         supports.setdefault(len(support), support)        # first (largest lambda) support of each size
+    assert len([k for k in range(1, 6) if k in supports]) >= 3
     for keep in range(1, 6):
         if keep in supports:
             # features have N*n rows: the path in lambda is the same up to the 1/N scaling
