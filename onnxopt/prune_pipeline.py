@@ -372,6 +372,8 @@ def compress_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Da
     round_to = int(getattr(options, "round_to", 4) or 1)
     if round_to < 1:
         raise UserError(f"--round-to must be at least 1 (got {round_to})")
+    if getattr(options, "cost", "macs") != "macs":
+        raise UserError(f"--cost {options.cost} is not available for --method {method}; channel pruning targets MACs (use --cost macs)")
     data = calib is not None and len(calib) > 0
     if method == "prune" and not data:
         raise UserError("--method prune is data-driven: give calibration data with --calib (an image folder or .npz)")

@@ -116,7 +116,7 @@ class ChannelGroup:
         for label, items in (("producers", self.producers), ("through", self.members), ("consumers", self.consumers)):
             if items:
                 lines.append(f"  {label:<10} " + ", ".join(m.describe() if m.role not in ("depthwise", "concat", "residual-add")
-                                                           else f"{m.describe()} [{m.role}]" for m in items))
+                                                           else f"{m.describe()} ({m.role})" for m in items))
         return "\n".join(lines)
 
 
