@@ -124,7 +124,7 @@ def compress(
     exclude: Optional[list[str]] = typer.Option(None, "--exclude", help="Leave this layer alone (name or glob; repeatable)."),
     seed: int = typer.Option(0, "--seed", help="Seed for sampling images and positions."),
     stages: int = typer.Option(0, "--calib-stages", help="Re-run the compressed model this many times for asymmetric inputs (0: auto)."),
-    rows: int = typer.Option(16384, "--rows-per-layer", help="Sampled response rows per layer."),
+    rows: int = typer.Option(8192, "--rows-per-layer", help="Sampled response rows per layer."),
     threads: int = typer.Option(0, "--threads", help="onnxruntime threads for calibration (0: all cores)."),
     solver: str = typer.Option("auto", "--solver", help="auto (ReLU-aware where a ReLU follows), linear, or svd (data-free baseline)."),
     symmetric: bool = typer.Option(False, "--symmetric", help="Take layer inputs from the original model (baseline; default is asymmetric)."),

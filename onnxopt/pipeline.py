@@ -50,7 +50,7 @@ class CompressOptions:
     method: str = "lowrank"
     exclude: list[str] = field(default_factory=list)
     seed: int = 0
-    rows_per_layer: int = 16384
+    rows_per_layer: int = 8192
     stages: int = 0                 # 0: one per compressed layer (exact asymmetric inputs)
     memory_budget: int = 2 * 2**30  # bytes of stored activations at a graph cut
     rank_multiple: int = 4
