@@ -27,7 +27,9 @@
    residual ``Add`` is reconstructed toward ``Y_branch_orig + (Y_short_orig - Y_short_cur)``.
    Select the kept channels (He et al. LASSO path, ``prune``; or the lowest std / L1 filters
    removed, ``filter-std`` / ``filter-l1``), refit each consumer by least squares on the kept
-   input columns, and rewrite the graph (``channel_groups.apply_keep``).
+   input columns, and rewrite the graph (``channel_groups.apply_keep``). A consumer with
+   fewer than ``MIN_ROWS_PER_COLUMN`` sampled rows per kept column (a classifier after
+   global pooling gives one row per image) is not refit: its sliced weights stay.
 5. Verify (``onnxopt.verify``) and return a ``CompressionResult``.
 
 Without calibration data (``calib`` None or empty) the ``filter-*`` methods remove the
