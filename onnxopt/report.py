@@ -71,11 +71,14 @@ def compress_tables(result: CompressionResult) -> list[Table]:
     summary.add_row("MACs", human(result.macs_before), human(result.macs_after), f"{result.macs_before / max(result.macs_after, 1):.2f}x")
     summary.add_row("params", human(result.params_before), human(result.params_after), f"{result.params_before / max(result.params_after, 1):.2f}x")
     check = result.verification
-    summary.add_row("held-out samples", str(check.samples), "", "")
-    summary.add_row("output max |diff|", "", f"{check.max_abs_diff:.4g}", "")
-    summary.add_row("output relative L2", "", f"{check.relative_l2:.4f}", "")
-    if check.top1_agreement is not None:
-        summary.add_row("top-1 agreement", "", f"{check.top1_agreement:.2%}", "")
+    if check.samples == 0:
+        summary.add_row("output difference", "", "not measured (no --calib data)", "")
+    else:
+        summary.add_row("held-out samples", str(check.samples), "", "")
+        summary.add_row("output max |diff|", "", f"{check.max_abs_diff:.4g}", "")
+        summary.add_row("output relative L2", "", f"{check.relative_l2:.4f}", "")
+        if check.top1_agreement is not None:
+            summary.add_row("top-1 agreement", "", f"{check.top1_agreement:.2%}", "")
     summary.add_row("time", "", f"{result.timings['total']:.1f} s", "")
     return [layers, summary]
 
