@@ -113,12 +113,12 @@ class CompressionResult:
         }
 
 
-def _batch_size(per_sample_floats: int) -> int:
+def batch_size_for(per_sample_floats: int) -> int:
     """Batches of about 128 MB of captured activations, between 1 and 128 samples."""
     return int(max(1, min(128, (32 * 2**20) // max(per_sample_floats, 1))))
 
 
-def _per_sample_floats(layers: list[Layer]) -> int:
+def per_sample_floats(layers: list[Layer]) -> int:
     total = 0
     for layer in layers:
         spatial = int(np.prod(layer.output_hw)) if layer.op == "Conv" else 1
@@ -126,7 +126,7 @@ def _per_sample_floats(layers: list[Layer]) -> int:
     return total
 
 
-def _layer_seed(seed: int, name: str) -> int:
+def layer_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:4], "little")
 
 
@@ -142,7 +142,7 @@ class ResponseSampler:
         self.seed = seed
         self.samples = len(data)
         self.per_image = max(1, math.ceil(rows_per_layer / len(data)))
-        self.batch_size = _batch_size(_per_sample_floats(layers))
+        self.batch_size = batch_size_for(per_sample_floats(layers))
 
     def collect(self, model: onnx.ModelProto, layers: list[Layer], runner: CutRunner,
                 progress: Progress | None = None, label: str = "") -> dict[str, np.ndarray]:
@@ -156,7 +156,7 @@ class ResponseSampler:
                 out = outputs[layer.output.name]
                 if out.ndim == 4:
                     positions = sample_positions(out.shape[0], out.shape[2], out.shape[3], self.per_image,
-                                                 (_layer_seed(self.seed, layer.name), batch_index))
+                                                 (layer_seed(self.seed, layer.name), batch_index))
                     samples[layer.name].add(responses_at(out, positions))
                     if layer.shortcut is not None:
                         samples[layer.name + SHORTCUT].add(responses_at(outputs[layer.shortcut.name], positions))
@@ -344,7 +344,7 @@ def compress(model: onnx.ModelProto, calib: DataSource | None, holdout: DataSour
                 fact = lowrank.solve(layer, yhat, target, ranks[layer.name], offset, options.solver)
             relu = layer.activation == "relu"
             results[layer.name] = LayerResult(
-                layer.name, layer.op, _shape_text(layer), layer.macs, lowrank.decomposed_macs(layer, fact.rank),
+                layer.name, layer.op, shape_text(layer), layer.macs, lowrank.decomposed_macs(layer, fact.rank),
                 layer.params, fact.rank * (layer.in_channels * layer.kernel[0] * layer.kernel[1] + layer.out_channels) + layer.out_channels,
                 rank=fact.rank, full_rank=layer.out_channels, solver=fact.solver,
                 error_before=_relative_error(yhat + (0 if offset is None else offset), target, relu),
@@ -364,7 +364,7 @@ def compress(model: onnx.ModelProto, calib: DataSource | None, holdout: DataSour
         if layer.name in results:
             table.append(results[layer.name])
         else:
-            table.append(LayerResult(layer.name, layer.op, _shape_text(layer), layer.macs or 0, layer.macs or 0,
+            table.append(LayerResult(layer.name, layer.op, shape_text(layer), layer.macs or 0, layer.macs or 0,
                                      layer.params, layer.params,
                                      skipped=reasons.get(layer.name, "kept: the budget is met without it")))
     macs_after = sum(r.macs_after for r in table)
@@ -377,7 +377,7 @@ def compress(model: onnx.ModelProto, calib: DataSource | None, holdout: DataSour
     )
 
 
-def _shape_text(layer: Layer) -> str:
+def shape_text(layer: Layer) -> str:
     if layer.op == "Gemm":
         return f"{layer.in_channels}->{layer.out_channels}"
     kh, kw = layer.kernel

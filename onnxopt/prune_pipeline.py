@@ -56,8 +56,8 @@ from onnxopt.errors import UserError
 from onnxopt.layers import Layer, find_layers, gemm_weight_and_bias, model_macs
 from onnxopt.passes import allocation, prune
 from onnxopt.passes.channel_groups import ChannelGroup, Member, apply_keep, find_groups, group_of
-from onnxopt.pipeline import (SHORTCUT, CompressionResult, CompressOptions, LayerResult, Progress, _batch_size,
-                              _layer_seed, _shape_text)
+from onnxopt.pipeline import (SHORTCUT, CompressionResult, CompressOptions, LayerResult, Progress, batch_size_for,
+                              layer_seed, shape_text)
 from onnxopt.verify import Verification, verify
 
 METHODS = ("prune", "filter-std", "filter-l1")
@@ -143,7 +143,7 @@ class ConsumerSampler:
 
     def positions(self, name: str, batch_index: int, out_shape):
         return sample_positions(out_shape[0], out_shape[2], out_shape[3], self.per_image,
-                                (_layer_seed(self.seed, name), batch_index))
+                                (layer_seed(self.seed, name), batch_index))
 
     def collect(self, model: onnx.ModelProto, runner: CutRunner, consumers: list[gs.Node],
                 targets: dict[str, list[np.ndarray]] | None, progress: Progress | None = None,
@@ -425,7 +425,7 @@ def compress_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Da
             for tensor in (node.inputs[0], node.outputs[0]):
                 shape = tensor.shape or []
                 floats += int(np.prod([d for d in shape[1:] if isinstance(d, int)] or [1]))
-        samples = list(calib.batches(_batch_size(floats)))
+        samples = list(calib.batches(batch_size_for(floats)))
         sampler = ConsumerSampler(max(1, math.ceil(options.rows_per_layer / len(calib))), options.seed, shortcuts)
         stats, targets = sampler.collect(prepared, CutRunner(samples, options.threads), list(consumer_nodes.values()),
                                          None, progress, "original model")
@@ -518,7 +518,7 @@ def compress_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Da
         macs_after = (after.macs or 0) if after else 0
         params_after = after.params if after else 0
         changed = layer.name in kept_by_producer or layer.name in consumer_errors or (after is not None and after.macs != layer.macs)
-        result = LayerResult(layer.name, layer.op, _shape_text(layer), layer.macs or 0, macs_after, layer.params, params_after)
+        result = LayerResult(layer.name, layer.op, shape_text(layer), layer.macs or 0, macs_after, layer.params, params_after)
         if layer.name in kept_by_producer:
             result.rank, result.full_rank = kept_by_producer[layer.name]
         if changed:
