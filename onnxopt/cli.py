@@ -129,6 +129,7 @@ def compress(
     solver: str = typer.Option("auto", "--solver", help="auto (ReLU-aware where a ReLU follows), linear, or svd (data-free baseline)."),
     symmetric: bool = typer.Option(False, "--symmetric", help="Take layer inputs from the original model (baseline; default is asymmetric)."),
     allocation: str = typer.Option("energy", "--allocation", help="Rank allocation under the budget: energy or uniform."),
+    external_data: bool = typer.Option(False, "--external-data", help="Write weights to one OUT.data file beside the model (automatic over 2 GiB)."),
     round_to: int = typer.Option(4, "--round-to", help="Pruning: kept channel counts are multiples of this (1, 4, 8, 16)."),
     cost: str = typer.Option("macs", "--cost", help="What --speedup divides: macs, or latency (each layer timed in onnxruntime; never slower)."),
 ) -> None:
@@ -164,7 +165,7 @@ def compress(
             result = run_compress(model, calib_data, holdout_data, options, progress)
     else:
         result = run_compress(model, calib_data, holdout_data, options)
-    save_model_atomic(result.model, output)
+    save_model_atomic(result.model, output, external_data=external_data)
     data = {"input": str(model_path), "output": str(output), "method": method, "speedup_target": speedup,
             "preprocess": prep.describe(), "calib": " ".join(calib or []), "seed": seed, **result.to_json()}
     if report is not None:

@@ -30,6 +30,38 @@ from .errors import UserError
 MAX_IR_VERSION = 13
 
 
+def _all_tensors(graph: onnx.GraphProto):
+    """Initializers and tensor-valued attributes of ``graph`` and its subgraphs."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("g"):
+                yield from _all_tensors(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _all_tensors(subgraph)
+
+
+def _check_external_locations(model: onnx.ModelProto, folder: Path, path: Path) -> None:
+    """Refuse external-data entries that point outside the model's folder.
+
+    ``../``, absolute paths and symbolic links that leave the folder are refused: a model file
+    must not make onnxopt read arbitrary files (ONNX's own path-traversal CVEs were this).
+    """
+    root = folder.resolve()
+    for tensor in _all_tensors(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (folder / location).resolve()
+        if not location or Path(location).is_absolute() or ".." in Path(location).parts or root not in target.parents:
+            raise UserError(f"{path}: external data {location!r} of tensor {tensor.name!r} points outside the model's folder; refusing to read it")
+        if not target.is_file():
+            raise UserError(f"{path}: external data file {location!r} is missing; keep it next to the model")
+
+
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     """Read and validate an ONNX file, with a one-line error for every way it can be wrong."""
     path = Path(path)
@@ -40,15 +72,20 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     if path.stat().st_size == 0:
         raise UserError(f"{path} is empty; re-export the model")
     try:
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises several unrelated types
         raise UserError(
             f"{path} is not a readable ONNX model ({type(exc).__name__}); re-export it or check it is not truncated"
         ) from None
     if len(model.graph.node) == 0:
         raise UserError(f"{path} has no graph nodes; it is not an ONNX model or it is truncated")
+    _check_external_locations(model, path.parent, path)
     try:
-        onnx.checker.check_model(model)
+        onnx.load_external_data_for_model(model, str(path.parent))
+    except Exception as exc:
+        raise UserError(f"{path}: cannot read its external data ({type(exc).__name__}); check the .data file beside it") from None
+    try:
+        onnx.checker.check_model(model if model.ByteSize() < 2**31 - 2**26 else str(path))
     except Exception as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{path} fails the ONNX checker: {first_line}") from None
@@ -189,23 +226,41 @@ def prepare(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
     return prepared, summary
 
 
-def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> None:
-    """Write ``model`` to ``path`` through a temporary file in the same folder + rename."""
+# Protobuf cannot serialise more than 2 GiB: larger models are written with external data.
+EXTERNAL_DATA_LIMIT = 2**31 - 2**26
+
+
+def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool = False,
+                      size_threshold: int = 1024) -> None:
+    """Write ``model`` to ``path`` atomically: temporary files in the same folder, then renames.
+
+    With ``external_data`` (forced for models over 2 GiB) the weights larger than
+    ``size_threshold`` bytes go to one ``<name>.data`` file beside the model; the data file is
+    moved into place before the model, so a reader never sees a model without its data.
+    """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise UserError(f"{folder}: output folder does not exist; create it first")
     if not os.access(folder, os.W_OK):
         raise UserError(f"{folder}: output folder is not writable; choose another -o path")
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=folder)
+    scratch = Path(tempfile.mkdtemp(prefix="." + path.name + ".", dir=folder))
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(model.SerializeToString())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        staged = scratch / path.name
+        if external_data or model.ByteSize() > EXTERNAL_DATA_LIMIT:
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            onnx.save_model(copy, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=path.name + ".data", size_threshold=size_threshold)
+            if (scratch / (path.name + ".data")).exists():
+                os.replace(scratch / (path.name + ".data"), folder / (path.name + ".data"))
+        else:
+            staged.write_bytes(model.SerializeToString())
+        os.replace(staged, path)
+    finally:
+        for leftover in scratch.iterdir():
+            leftover.unlink()
+        scratch.rmdir()
 
 
 def tensor_shape(value_info: onnx.ValueInfoProto) -> list[int | str | None]:

@@ -193,3 +193,34 @@ def test_bench_onnxruntime_and_tvm(small_model_file):
     result = onnxopt("bench", small_model_file, "--runtime", "tvm", "--runs", "5", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["runtime"] == "tvm"
+
+
+def test_external_data_output_and_loading(tmp_path, small_model_file, small_calib_file):
+    out = tmp_path / "big" / "model.onnx"
+    out.parent.mkdir()
+    result = onnxopt("-q", "compress", small_model_file, "-o", out, "--speedup", "1.5", "--calib", small_calib_file, "--external-data")
+    assert result.returncode == 0, result.stderr
+    assert (out.parent / "model.onnx.data").stat().st_size > 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx", "model.onnx.data"]   # no temporary leftovers
+    assert onnxopt("inspect", out, "--json").returncode == 0                                     # loads back by path
+    x = np.random.default_rng(0).standard_normal((2, 3, 12, 12)).astype(np.float32)
+    import onnxruntime as ort
+    assert ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0].shape == (2, 10)
+
+
+@pytest.mark.parametrize("location", ["../secret.bin", "/etc/passwd", "link/secret.bin"])
+def test_external_data_outside_the_model_folder_is_refused(tmp_path, small_model, location):
+    from onnx import external_data_helper
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (tmp_path / "secret.bin").write_bytes(b"\0" * 4096)
+    (folder / "link").symlink_to(tmp_path)
+    tensor = next(t for t in small_model.graph.initializer if t.name == "block.conv1.w")
+    external_data_helper.set_external_data(tensor, location=location, offset=0, length=tensor.ByteSize())
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.ClearField("raw_data")
+    tensor.ClearField("float_data")
+    path = folder / "hostile.onnx"
+    path.write_bytes(small_model.SerializeToString())
+    assert_user_error(onnxopt("inspect", path), "outside the model's folder")
