@@ -128,7 +128,7 @@ def compress(
     threads: int = typer.Option(0, "--threads", help="onnxruntime threads for calibration (0: all cores)."),
     solver: str = typer.Option("auto", "--solver", help="auto (ReLU-aware where a ReLU follows), linear, or svd (data-free baseline)."),
     symmetric: bool = typer.Option(False, "--symmetric", help="Take layer inputs from the original model (baseline; default is asymmetric)."),
-    allocation: str = typer.Option("energy", "--allocation", help="Rank allocation under the budget: energy or uniform."),
+    allocation: str = typer.Option("energy", "--allocation", help="Rank allocation under the budget: energy, uniform, or sensitivity (each layer's rank grid measured at the output on held-out samples)."),
     external_data: bool = typer.Option(False, "--external-data", help="Write weights to one OUT.data file beside the model (automatic over 2 GiB)."),
     round_to: int = typer.Option(4, "--round-to", help="Pruning: kept channel counts are multiples of this (1, 4, 8, 16)."),
     cost: str = typer.Option("macs", "--cost", help="What --speedup divides: macs, or latency (each layer timed in onnxruntime; never slower)."),

@@ -38,7 +38,7 @@ from onnxopt.verify import Verification, verify
 Progress = Callable[[str, int, int], None]
 SHORTCUT = "/shortcut"
 SOLVERS = ("auto", "linear", "svd")
-ALLOCATIONS = ("energy", "uniform")
+ALLOCATIONS = ("energy", "uniform", "sensitivity")
 PRUNE_METHODS = ("prune", "filter-std", "filter-l1")
 METHODS = ("lowrank", *PRUNE_METHODS)
 COSTS = ("macs", "latency")
@@ -56,7 +56,7 @@ class CompressOptions:
     rank_multiple: int = 4
     solver: str = "auto"            # "auto" (ReLU-aware where a ReLU follows), "linear", "svd" (data-free)
     asymmetric: bool = True         # inputs from the compressed model (False: from the original)
-    allocation: str = "energy"      # "energy" (PCA-energy product, Zhang et al.) or "uniform"
+    allocation: str = "energy"      # "energy" (PCA-energy product, Zhang et al.), "uniform", "sensitivity" (measured)
     cost: str = "macs"              # what --speedup divides: "macs", or "latency" (measured per layer)
     round_to: int = 4               # pruning: kept channel counts are multiples of this
     latency_batch: int = 8
@@ -192,12 +192,15 @@ def _rank_options(layer: Layer, eigenvalues: np.ndarray, multiple: int, timer: L
 
 
 def choose_ranks(layers: list[Layer], candidates: list[Layer], targets: dict[str, np.ndarray],
-                 options: CompressOptions, timings: dict[str, float]) -> dict[str, int | None]:
+                 options: CompressOptions, timings: dict[str, float],
+                 measure: Callable[[list[list[allocation.Option]]], list[list[allocation.Option]]] | None = None
+                 ) -> dict[str, int | None]:
     """A rank for each candidate (None: keep it) so that the cost drops by ``options.speedup``.
 
     The cost is MACs (exact per layer) or, with ``cost="latency"``, the sum of per-layer
     onnxruntime latencies; damage is the response energy lost (Zhang et al.), from the
-    eigenvalues of each layer's response covariance in the original model.
+    eigenvalues of each layer's response covariance in the original model, or, with
+    ``measure`` (``--allocation sensitivity``), the output error measured per layer and rank.
     """
     spectra = {}
     for layer in candidates:
@@ -213,6 +216,10 @@ def choose_ranks(layers: list[Layer], candidates: list[Layer], targets: dict[str
     else:
         fixed = sum(timer.seconds(layer) for layer in others)
         timings["latency_table"] = time.perf_counter() - t0
+    if measure is not None:
+        t0 = time.perf_counter()
+        layer_options = measure(layer_options)
+        timings["sensitivity"] = time.perf_counter() - t0
     total = fixed + sum(opts[0].cost for opts in layer_options)
     budget = total / options.speedup - fixed
     if options.allocation == "uniform":
@@ -318,7 +325,15 @@ def compress(model: onnx.ModelProto, calib: DataSource | None, holdout: DataSour
     targets = sampler.collect(prepared, candidates, CutRunner(samples, options.threads), progress, "original model")
     timings["capture_original"] = time.perf_counter() - t0
 
-    ranks = choose_ranks(layers, candidates, targets, options, timings)
+    measure = None
+    if options.allocation == "sensitivity":
+        from onnxopt.sensitivity import measured_options
+
+        held_out = holdout if holdout is not None and len(holdout) else calib.subset(range(min(128, len(calib))))
+        held_batches = list(held_out.batches(sampler.batch_size))
+        measure = lambda opts: measured_options(prepared, candidates, opts, targets, held_batches, options.threads,  # noqa: E731
+                                                progress=progress)
+    ranks = choose_ranks(layers, candidates, targets, options, timings, measure)
     chosen = [layer for layer in candidates if ranks[layer.name] is not None]
 
     results: dict[str, LayerResult] = {}
