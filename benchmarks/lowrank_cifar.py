@@ -9,8 +9,9 @@ and peak RSS are the process's own) with:
   relu-sym       ReLU-aware solver, symmetric
   relu-asym      ReLU-aware, asymmetric: onnxopt's default
   relu-asym-uniform   the default solver with uniform ranks instead of the energy allocation
+  relu-asym-sensitivity   the default solver with ranks from measured per-layer sensitivity
 
-All variants except the last share the rank allocation (energy criterion), hence the same MACs.
+The first five variants share the rank allocation (energy criterion), hence the same MACs.
 Each model is evaluated on ../shared/data/cifar10/test (calibration draws from .../train), and
 its onnxruntime latency is measured against the original in the same run (batch 32 and 1,
 1 thread, runs alternated). Prints a Markdown table and writes JSON.
@@ -40,6 +41,7 @@ VARIANTS = {
     "relu-sym": ["--symmetric"],
     "relu-asym": [],
     "relu-asym-uniform": ["--allocation", "uniform"],
+    "relu-asym-sensitivity": ["--allocation", "sensitivity"],
 }
 
 
