@@ -45,3 +45,15 @@ clean:
 arm-check: install
 	bash tools/install_cross_toolchains.sh
 	tools/arm_check/arm_check.sh $(ARM_MODEL)
+
+# Retrain the project's own models (PyTorch in a separate venv; CPU, one thread, seed 0).
+# The VGG-16 needs ../shared/data/cifar10; about 90 minutes on 2 cores.
+MODELS_VENV := .venv-models
+models:
+	command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get install -y dataset-fashion-mnist || true
+	$(PYTHON) -m venv $(MODELS_VENV)
+	$(MODELS_VENV)/bin/pip install --quiet torch==2.13.0 onnx==1.23.2 onnxruntime==1.31.1 onnxscript numpy pillow
+	nice -n 19 $(MODELS_VENV)/bin/python models/train_demo_fmnist.py
+	nice -n 19 $(MODELS_VENV)/bin/python models/train_vgg16_cifar.py
+	nice -n 19 $(MODELS_VENV)/bin/python models/train_vgg16_cifar.py --init .cache/vgg16_cifar10_w0.25.pt --schedule cosine \
+	    --lr 0.004 --epochs 4 --seed 1 --append-log --checkpoint .cache/vgg16_cifar10_w0.25_ft.pt

@@ -133,7 +133,7 @@ def ort_logits(path, x, batch=500):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data-root", default="/work/shared/data/cifar10")
+    ap.add_argument("--data-root", default=os.path.join(os.path.dirname(ROOT), "shared", "data", "cifar10"))  # ../shared
     ap.add_argument("--cache-dir", default=os.path.join(ROOT, ".cache"))
     ap.add_argument("--width", type=float, default=0.25)
     ap.add_argument("--epochs", type=int, default=25)
