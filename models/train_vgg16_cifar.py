@@ -23,6 +23,7 @@ import random
 import time
 
 import numpy as np
+from onnx_export import export_onnx, ort_logits  # models/onnx_export.py (the script folder is on sys.path)
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -74,61 +75,6 @@ def build_model(width, num_classes=10):
             cin = c
     layers += [nn.Flatten(), nn.Linear(cin, num_classes)]
     return nn.Sequential(*layers)
-
-
-def inline_identity_initializers(m):
-    """The TorchScript exporter de-duplicates equal parameters and re-creates them with Identity
-    nodes; turn those back into plain initializers so the graph has one tensor per parameter."""
-    import onnx
-    from onnx import numpy_helper
-
-    inits = {t.name: t for t in m.graph.initializer}
-    keep = []
-    for n in m.graph.node:
-        if n.op_type == "Identity" and n.input[0] in inits:
-            m.graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(inits[n.input[0]]), n.output[0]))
-        else:
-            keep.append(n)
-    del m.graph.node[:]
-    m.graph.node.extend(keep)
-    used = {i for n in m.graph.node for i in n.input}
-    live = [t for t in m.graph.initializer if t.name in used]
-    del m.graph.initializer[:]
-    m.graph.initializer.extend(live)
-    return m
-
-
-def export_onnx(model, path, example):
-    import onnx
-    import torch
-
-    model.eval()
-    torch.onnx.export(
-        model, example, path, dynamo=False, opset_version=17,
-        input_names=["input"], output_names=["logits"],
-        dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
-        training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False,
-    )
-    m = inline_identity_initializers(onnx.load(path))
-    m.ir_version = 8
-    m.producer_name = "onnxopt/models/train_vgg16_cifar.py"
-    onnx.checker.check_model(m)
-    onnx.save(m, path)
-    ops = [n.op_type for n in m.graph.node]
-    assert ops.count("BatchNormalization") == 13 and ops.count("Conv") == 13, ops
-    assert "Identity" not in ops, ops
-    return ops
-
-
-def ort_logits(path, x, batch=500):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-    return np.concatenate([sess.run(["logits"], {"input": x[i:i + batch]})[0]
-                           for i in range(0, len(x), batch)])
 
 
 def main():
@@ -266,7 +212,7 @@ def main():
     torch.save(model.state_dict(), ckpt)
 
     model = model.to(memory_format=torch.contiguous_format).eval()
-    export_onnx(model, args.onnx, torch.from_numpy(Xte[:2]))
+    export_onnx(model, args.onnx, torch.from_numpy(Xte[:2]), "onnxopt/models/train_vgg16_cifar.py", 13)
     with torch.no_grad():
         ref = model(torch.from_numpy(Xte[:500])).numpy()
     got = ort_logits(args.onnx, Xte[:500])
