@@ -261,6 +261,12 @@ def find_groups(graph: gs.Graph) -> list[ChannelGroup]:
                 uf.find(out.name)
                 foreign.setdefault(out.name, []).append(why)
 
+    def barrier(node: gs.Node, label: str, tensors, reason: str) -> None:
+        """``node`` does not map channels: freeze its inputs, and its outputs start untracked."""
+        for tensor in tensors:
+            stop(tensor, reason)
+        untracked_outputs(node, f"output of {label}")
+
     for tensor in graph.inputs:
         uf.find(tensor.name)
         foreign.setdefault(tensor.name, []).append(f"graph input {tensor.name}")
@@ -304,8 +310,7 @@ def find_groups(graph: gs.Graph) -> list[ChannelGroup]:
             from_flatten = _is_var(x) and x.inputs and x.inputs[0].op == "Flatten"
             bias_ok = len(node.inputs) < 3 or not node.inputs[2].name or isinstance(node.inputs[2], gs.Constant)
             if weight is None or weight.ndim != 2 or node.attrs.get("transA", 0):
-                stop(x, f"feeds {label} (transA or non-constant weights)")
-                untracked_outputs(node, f"output of {label}")
+                barrier(node, label, [x], f"feeds {label} (transA or non-constant weights)")
                 continue
             if not from_flatten and _is_var(x):
                 if _rank(x) == 2:
@@ -326,8 +331,7 @@ def find_groups(graph: gs.Graph) -> list[ChannelGroup]:
                 c.op == "Gemm" and c.inputs[0] is out and isinstance(c.inputs[1], gs.Constant) and not c.attrs.get("transA", 0)
                 for c in consumers)
             if axis != 1 or shape is None or not all(isinstance(d, int) for d in shape[2:]) or not gemm_ok or out.name in graph_outputs:
-                stop(x, f"feeds {label} whose output is not only read by Gemm (or spatial size unknown)")
-                untracked_outputs(node, f"output of {label}")
+                barrier(node, label, [x], f"feeds {label} whose output is not only read by Gemm (or spatial size unknown)")
                 continue
             block = int(np.prod(shape[2:])) if len(shape) > 2 else 1
             for gemm in consumers:
@@ -337,8 +341,7 @@ def find_groups(graph: gs.Graph) -> list[ChannelGroup]:
         if op in UNARY_PASS_THROUGH and data_inputs and out is not None:
             x = node.inputs[0]
             if op in ("Resize", "Upsample") and len(data_inputs) > 1:
-                stop(x, f"feeds {label} with computed scales/sizes")
-                untracked_outputs(node, f"output of {label}")
+                barrier(node, label, [x], f"feeds {label} with computed scales/sizes")
                 continue
             uf.union(x.name, out.name)
             add(x, Member(node, "pass-through", rank=_rank(x)))
@@ -347,14 +350,12 @@ def find_groups(graph: gs.Graph) -> list[ChannelGroup]:
             x = node.inputs[0]
             params = node.inputs[1:5] if op == "BatchNormalization" else node.inputs[1:2]
             if not all(isinstance(p, gs.Constant) for p in params):
-                stop(x, f"feeds {label} with non-constant parameters")
-                untracked_outputs(node, f"output of {label}")
+                barrier(node, label, [x], f"feeds {label} with non-constant parameters")
                 continue
             if op == "PRelu":
                 reason = _constant_mapping(np.asarray(params[0].values), _rank(x), None)
                 if reason:
-                    stop(x, f"feeds {label} with {reason}")
-                    untracked_outputs(node, f"output of {label}")
+                    barrier(node, label, [x], f"feeds {label} with {reason}")
                     continue
             uf.union(x.name, out.name)
             add(x, Member(node, "pass-through", rank=_rank(x)))
@@ -366,8 +367,7 @@ def find_groups(graph: gs.Graph) -> list[ChannelGroup]:
                 x = variables[0]
                 reason = _constant_mapping(np.asarray(constants[0].values), _rank(x), None)
                 if reason:
-                    stop(x, f"feeds {label} with {reason}")
-                    untracked_outputs(node, f"output of {label}")
+                    barrier(node, label, [x], f"feeds {label} with {reason}")
                     continue
                 uf.union(x.name, out.name)
                 add(x, Member(node, "pass-through", rank=_rank(x)))
@@ -375,25 +375,19 @@ def find_groups(graph: gs.Graph) -> list[ChannelGroup]:
             if len(variables) == 2 and op == "Add" and variables[0] is not variables[1]:
                 a, b = variables
                 if a.shape is not None and b.shape is not None and len(a.shape) != len(b.shape):
-                    for t in variables:
-                        stop(t, f"feeds {label}, which broadcasts two activations")
-                    untracked_outputs(node, f"output of {label}")
+                    barrier(node, label, variables, f"feeds {label}, which broadcasts two activations")
                     continue
                 uf.union(a.name, b.name)
                 uf.union(a.name, out.name)
                 add(a, Member(node, "residual-add", rank=_rank(a)))
                 continue
-            for t in variables:
-                stop(t, f"feeds {label}, an elementwise {op} of two activations (gating)")
-            untracked_outputs(node, f"output of {label}")
+            barrier(node, label, variables, f"feeds {label}, an elementwise {op} of two activations (gating)")
             continue
         if op == "Concat" and out is not None:
             rank = _rank(out)
             axis = int(node.attrs.get("axis", 0))
             if axis % max(rank, 1) != 1 or not all(_is_var(t) for t in node.inputs):
-                for t in data_inputs:
-                    stop(t, f"feeds {label}, a Concat not on the channel axis (or with constant parts)")
-                untracked_outputs(node, f"output of {label}")
+                barrier(node, label, data_inputs, f"feeds {label}, a Concat not on the channel axis (or with constant parts)")
                 continue
             concat_parts[out.name] = [(t.name, node, index) for index, t in enumerate(node.inputs)]
             for t in node.inputs:
@@ -406,8 +400,7 @@ def find_groups(graph: gs.Graph) -> list[ChannelGroup]:
                 uf.union(x.name, out.name)
                 add(x, Member(node, "pass-through", rank=_rank(x)))
                 continue
-            stop(x, f"feeds {label}, a Slice on the channel axis (or with computed bounds)")
-            untracked_outputs(node, f"output of {label}")
+            barrier(node, label, [x], f"feeds {label}, a Slice on the channel axis (or with computed bounds)")
             continue
         if op == "Pad" and data_inputs and out is not None:
             x = node.inputs[0]
@@ -419,9 +412,7 @@ def find_groups(graph: gs.Graph) -> list[ChannelGroup]:
             stop(x, f"feeds {label}, a Pad on the channel axis (or with computed pads)")
             untracked_outputs(node, f"output of {label} (channel padding)")
             continue
-        for t in data_inputs:
-            stop(t, f"feeds {label} ({node.op} on the channel axis is not handled)")
-        untracked_outputs(node, f"output of {label}")
+        barrier(node, label, data_inputs, f"feeds {label} ({node.op} on the channel axis is not handled)")
 
     for name in graph_outputs:
         uf.find(name)
