@@ -66,10 +66,6 @@ def _progress() -> tuple[Progress | None, callable]:
 PresetOption = typer.Option(None, "--preset", help=f"Preprocessing preset: {', '.join(PRESETS)}.")
 
 
-def _preprocess(preset, size, resize, mean, std, scale, channel_order):
-    return make_preprocess(preset, size, resize, mean, std, scale, channel_order)
-
-
 @app.command()
 def inspect(
     model_path: Path = typer.Argument(..., metavar="IN.onnx", help="Model to inspect."),
@@ -149,7 +145,7 @@ def compress(
     if round_to < 1:
         raise UserError(f"--round-to must be at least 1 (got {round_to})")
     model = load_model(model_path)
-    prep = _preprocess(preset, size, resize, mean, std, scale, channel_order)
+    prep = make_preprocess(preset, size, resize, mean, std, scale, channel_order)
     calib_data = holdout_data = None
     if calib:
         source = open_source(calib, model_inputs(model), prep)
@@ -211,7 +207,7 @@ def evaluate_command(
     from onnxopt.report import print_json
 
     model = load_model(model_path)
-    prep = _preprocess(preset, size, resize, mean, std, scale, channel_order)
+    prep = make_preprocess(preset, size, resize, mean, std, scale, channel_order)
     bar, progress = _progress()
     if as_json:
         bar, progress = None, None

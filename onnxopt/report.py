@@ -7,7 +7,6 @@ import os
 import tempfile
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
 from onnxopt.layers import Layer
@@ -102,5 +101,5 @@ def write_json(data: dict, path: Path) -> None:
         raise
 
 
-def print_json(data: dict, console: Console | None = None) -> None:
+def print_json(data: dict) -> None:
     print(json.dumps(data, indent=2, default=float))
