@@ -8,6 +8,7 @@ code 1 (``--debug`` shows the traceback). Nothing is written unless the whole jo
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -16,6 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from onnxopt import __version__
+from onnxopt import cli_options as opt
 from onnxopt.calib.readers import PRESETS, InputSpec, make_preprocess, open_source, split_source
 from onnxopt.errors import UserError
 
@@ -104,8 +106,8 @@ def inspect(
 def compress(
     model_path: Path = typer.Argument(..., metavar="IN.onnx", help="Trained model (never modified)."),
     output: Path = typer.Option(..., "-o", "--output", help="Where to write the compressed model."),
-    method: str = typer.Option("lowrank", "--method", help="lowrank (Zhang et al.), prune (He et al. LASSO + least squares), filter-std or filter-l1 (data-free ranking; refit with --calib)."),
-    speedup: float = typer.Option(..., "--speedup", help="Target: whole-model MACs become at most original/SPEEDUP."),
+    method: Optional[str] = typer.Option(None, "--method", help="lowrank (Zhang et al.; the default), prune (He et al. LASSO + least squares), filter-std or filter-l1 (data-free ranking; refit with --calib); with --max-drop the default is auto."),
+    speedup: Optional[float] = typer.Option(None, "--speedup", help="Target: whole-model MACs become at most original/SPEEDUP (with --max-drop: where the search starts)."),
     calib: Optional[list[str]] = typer.Option(None, "--calib", help="Calibration data: image folder, .npy/.npz, or name:file.npy (repeatable)."),
     preset: Optional[str] = PresetOption,
     size: Optional[int] = typer.Option(None, "--size", help="Final image size (square)."),
@@ -124,19 +126,29 @@ def compress(
     threads: int = typer.Option(0, "--threads", help="onnxruntime threads for calibration (0: all cores)."),
     solver: str = typer.Option("auto", "--solver", help="auto (ReLU-aware where a ReLU follows), linear, or svd (data-free baseline)."),
     symmetric: bool = typer.Option(False, "--symmetric", help="Take layer inputs from the original model (baseline; default is asymmetric)."),
-    allocation: str = typer.Option("energy", "--allocation", help="Rank allocation under the budget: energy, uniform, or sensitivity (each layer's rank grid measured at the output on held-out samples)."),
+    allocation: Optional[str] = typer.Option(None, "--allocation", help="Rank allocation under the budget: energy (default), uniform, or sensitivity (each layer's rank grid measured at the output on held-out samples, cached; the default with --max-drop)."),
     external_data: bool = typer.Option(False, "--external-data", help="Write weights to one OUT.data file beside the model (automatic over 2 GiB)."),
     round_to: int = typer.Option(4, "--round-to", help="Pruning: kept channel counts are multiples of this (1, 4, 8, 16)."),
     cost: str = typer.Option("macs", "--cost", help="What --speedup divides: macs, or latency (each layer timed in onnxruntime; never slower)."),
+    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Instead of --speedup: the fastest model whose top-1 drop on --eval-data stays within this many points (searched)."),
+    eval_data: Optional[Path] = opt.EvalData,
+    eval_size: int = opt.EvalSize,
+    labels: Optional[Path] = opt.Labels,
+    label_offset: int = opt.LabelOffset,
+    search_steps: int = typer.Option(7, "--search-steps", help="--max-drop: compressions tried at most."),
 ) -> None:
     """Compress IN.onnx to a model with SPEEDUP times fewer MACs, calibrated on your data."""
     from onnxopt.graph import load_model, save_model_atomic
     from onnxopt.pipeline import CompressOptions
     from onnxopt.pipeline import compress as run_compress
-    from onnxopt.report import compress_tables, write_json
+    from onnxopt.report import compress_tables, search_table, write_json
 
-    if speedup <= 1:
+    if max_drop is None and speedup is None:
+        raise UserError("give --speedup S (S times fewer MACs) or --max-drop D with --eval-data DIR (the fastest model within D points)")
+    if speedup is not None and speedup <= 1:
         raise UserError(f"--speedup must be greater than 1 (got {speedup:g}); 2 means half the MACs")
+    if max_drop is not None and eval_data is None:
+        raise UserError("--max-drop needs --eval-data DIR: labelled images, disjoint from --calib, to measure the drop on")
     if calib_size < 1:
         raise UserError(f"--calib-size must be at least 1 (got {calib_size})")
     _check_output_path(model_path, output)
@@ -144,33 +156,72 @@ def compress(
         _check_output_path(model_path, report)
     if round_to < 1:
         raise UserError(f"--round-to must be at least 1 (got {round_to})")
+    method = method or ("auto" if max_drop is not None else "lowrank")
+    allocation = allocation or ("sensitivity" if max_drop is not None else "energy")
     model = load_model(model_path)
     prep = make_preprocess(preset, size, resize, mean, std, scale, channel_order)
-    calib_data = holdout_data = None
+    calib_data = holdout_data = source = None
     if calib:
         source = open_source(calib, model_inputs(model), prep)
         calib_data, holdout_data = split_source(source, calib_size, holdout, seed)
     elif not method.startswith("filter-"):
         raise UserError(f"--method {method} is data-driven: give calibration data with --calib (an image folder or .npz)")
-    options = CompressOptions(speedup=speedup, method=method, exclude=list(exclude or []), seed=seed,
+    options = CompressOptions(speedup=speedup or 1.5, method=method, exclude=list(exclude or []), seed=seed,
                               rows_per_layer=rows, stages=stages, threads=threads, solver=solver,
                               asymmetric=not symmetric, allocation=allocation, cost=cost, round_to=round_to)
+    search = None
     bar, progress = _progress()
-    if bar:
-        with bar:
+    with bar or nullcontext():
+        if max_drop is None:
             result = run_compress(model, calib_data, holdout_data, options, progress)
-    else:
-        result = run_compress(model, calib_data, holdout_data, options)
+        else:
+            result, search = _search_max_drop(model, source, calib_data, holdout_data, options, progress, max_drop, eval_data,
+                                              eval_size, labels, label_offset, search_steps, seed, prep)
     save_model_atomic(result.model, output, external_data=external_data)
     data = {"input": str(model_path), "output": str(output), "method": method, "speedup_target": speedup,
             "preprocess": prep.describe(), "calib": " ".join(calib or []), "seed": seed, **result.to_json()}
+    if search is not None:
+        data["max_drop_search"] = search
     if report is not None:
         write_json(data, report)
     if not _state["quiet"]:
         out = Console()
         for table in compress_tables(result):
             out.print(table)
+        if search is not None:
+            out.print(search_table(search))
         out.print(f"wrote {output} ({result.macs_before / max(result.macs_after, 1):.2f}x fewer MACs)")
+
+
+def _search_max_drop(model, source, calib_data, holdout_data, options, progress, max_drop: float, eval_data: Path,
+                     eval_size: int, labels: Path | None, label_offset: int, steps: int, seed: int, prep):
+    """``--max-drop``: search ``--speedup`` (``onnxopt.target_search``), measuring top-1 on ``eval_data``."""
+    from dataclasses import replace
+
+    from onnxopt.evaluate import labelled_source, refuse_overlap, score
+    from onnxopt.pipeline import compress as run_compress
+    from onnxopt.target_search import Trial, search_speedup
+
+    if source is None:
+        raise UserError("--max-drop needs --calib data to compress with")
+    eval_source, truth = labelled_source(eval_data, model_inputs(model), prep, labels, label_offset, eval_size, seed)
+    refuse_overlap(source, eval_source, eval_data)
+    base = score(model, eval_source, truth, options.threads).top1 * 100
+
+    def try_speedup(speedup: float) -> Trial:
+        result = run_compress(model, calib_data, holdout_data, replace(options, speedup=speedup), progress)
+        top1 = score(result.model, eval_source, truth, options.threads).top1 * 100
+        return Trial(result, result.macs_before / max(result.macs_after, 1), top1)
+
+    def on_step(step) -> None:
+        if not _state["quiet"]:
+            verdict = "within" if step.within else "over"
+            got = f"{step.mac_speedup:.2f}x MACs, top-1 {step.top1:.2f}% (drop {step.drop:.2f}, {verdict})" if step.drop is not None else step.note
+            console.print(f"--speedup {step.speedup:.3f}: {got}", highlight=False)
+
+    result, walked = search_speedup(try_speedup, base, max_drop, start=options.speedup, steps=steps, on_step=on_step)
+    return result, {"max_drop": max_drop, "eval_data": eval_source.description, "base_top1": base,
+                    "steps": [step.to_json() for step in walked]}
 
 
 def _check_output_path(model_path: Path, output: Path) -> None:
@@ -268,6 +319,9 @@ def bench(
 
 
 def _register_optional_commands() -> None:
+    from onnxopt import analyze_cmd
+
+    analyze_cmd.register(app)
     try:
         from onnxopt import build_cmd
     except ImportError:

@@ -60,15 +60,31 @@ def labelled_images(folder: Path, labels_file: Path | None, label_offset: int,
     return paths, np.asarray(labels)
 
 
-def evaluate(model: onnx.ModelProto, inputs: list[InputSpec], folder: Path, prep: Preprocess,
-             labels_file: Path | None = None, label_offset: int = 0, limit: int | None = None,
-             seed: int = 0, threads: int = 0, batch_size: int = 64, progress=None) -> Accuracy:
+def labelled_source(folder: Path, inputs: list[InputSpec], prep: Preprocess, labels_file: Path | None = None,
+                    label_offset: int = 0, limit: int | None = None, seed: int = 0) -> tuple[DataSource, np.ndarray]:
+    """A labelled image folder as a data source for a single-input classifier, and its labels."""
     if len(inputs) != 1:
-        raise UserError(f"eval takes single-input classifiers; this model has {len(inputs)} inputs")
+        raise UserError(f"evaluation takes single-input classifiers; this model has {len(inputs)} inputs")
     image_geometry(inputs[0], prep)
     paths, labels = labelled_images(folder, labels_file, label_offset, limit, seed)
+    return DataSource(inputs, paths=paths, prep=prep, description=f"{len(paths)} labelled images in {folder}"), labels
+
+
+def refuse_overlap(calib: DataSource, eval_source: DataSource, eval_folder: Path) -> None:
+    """Evaluation data must be disjoint from calibration data (else the measured drop flatters)."""
+    if calib.paths is None:
+        return
+    calib_files = {Path(p).resolve() for p in calib.paths}
+    shared = [p for p in eval_source.paths if Path(p).resolve() in calib_files]
+    if shared:
+        raise UserError(f"--eval-data {eval_folder} overlaps the calibration data ({len(shared)} images are in both, "
+                        f"e.g. {shared[0]}); evaluate on held-out images, e.g. a test split")
+
+
+def score(model: onnx.ModelProto, source: DataSource, labels: np.ndarray, threads: int = 0,
+          batch_size: int = 64, progress=None) -> Accuracy:
+    """Top-1/top-5 of ``model`` on ``source`` with ``labels``."""
     session = make_session(model, threads)
-    source = DataSource(inputs, paths=paths, prep=prep)
     top1 = top5 = 0
     start = 0
     for feeds in source.batches(batch_size):
@@ -83,5 +99,12 @@ def evaluate(model: onnx.ModelProto, inputs: list[InputSpec], folder: Path, prep
         top5 += int((top == batch_labels[:, None]).any(1).sum())
         start += len(logits)
         if progress:
-            progress("evaluating", start, len(paths))
-    return Accuracy(top1=top1 / len(paths), top5=top5 / len(paths), n=len(paths))
+            progress("evaluating", start, len(labels))
+    return Accuracy(top1=top1 / len(labels), top5=top5 / len(labels), n=len(labels))
+
+
+def evaluate(model: onnx.ModelProto, inputs: list[InputSpec], folder: Path, prep: Preprocess,
+             labels_file: Path | None = None, label_offset: int = 0, limit: int | None = None,
+             seed: int = 0, threads: int = 0, batch_size: int = 64, progress=None) -> Accuracy:
+    source, labels = labelled_source(folder, inputs, prep, labels_file, label_offset, limit, seed)
+    return score(model, source, labels, threads, batch_size, progress)

@@ -196,3 +196,12 @@ def model_macs(layers: list[Layer]) -> int:
 
 def model_params(graph: gs.Graph) -> int:
     return int(sum(t.values.size for t in graph.tensors().values() if isinstance(t, gs.Constant)))
+
+
+def shape_text(layer: Layer) -> str:
+    if layer.op == "Gemm":
+        return f"{layer.in_channels}->{layer.out_channels}"
+    kh, kw = layer.kernel
+    group = f" g{layer.group}" if layer.group > 1 else ""
+    stride = f" s{layer.strides[0]}" if tuple(layer.strides) != (1, 1) else ""
+    return f"{layer.in_channels}->{layer.out_channels} {kh}x{kw}{stride}{group}"

@@ -20,19 +20,23 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 from threadpoolctl import threadpool_limits
 
 from onnxopt import graph as graphs
+from onnxopt.cache import DiskCache, data_digest, default_dir, model_digest
 from onnxopt.calib.capture import CutRunner, cut_before
 from onnxopt.calib.readers import DataSource
 from onnxopt.calib.stats import RowSample, responses_at, sample_positions
 from onnxopt.errors import UserError
 from onnxopt.latency import LayerTimer
-from onnxopt.layers import Layer, find_layers, model_macs
+from onnxopt.layers import Layer, find_layers, model_macs, shape_text
 from onnxopt.passes import allocation, lowrank
+from onnxopt.sensitivity import Analysis, analyze, measured_options
 from onnxopt.verify import Verification, verify
 
 Progress = Callable[[str, int, int], None]
@@ -61,6 +65,9 @@ class CompressOptions:
     round_to: int = 4               # pruning: kept channel counts are multiples of this
     latency_batch: int = 8
     threads: int = 0
+    sensitivity_grid: int = 4       # ranks measured per layer (--allocation sensitivity, analyze)
+    sensitivity_metric: str = "auto"  # "auto" (kl for classifiers, else error), "error", "kl", "top1_drop"
+    cache_dir: Path | None = field(default_factory=default_dir)   # None: no disk cache
 
 
 @dataclass
@@ -168,16 +175,22 @@ class ResponseSampler:
         return {name: sample.array() for name, sample in samples.items()}
 
 
+def rank_grid(layer: Layer, multiple: int) -> list[int]:
+    """The ranks a layer may be factorised to: multiples of ``multiple`` that save MACs."""
+    top = lowrank.max_saving_rank(layer)
+    ranks = list(range(multiple, top + 1, multiple))
+    if 1 <= top < multiple:
+        ranks.append(top)
+    return ranks
+
+
 def _rank_options(layer: Layer, eigenvalues: np.ndarray, multiple: int, timer: LayerTimer | None = None) -> list[allocation.Option]:
     """Keep, or factorise at each rank (multiples of ``multiple``) that saves MACs.
 
     With a ``timer`` the cost of an option is its measured latency, and ranks that are not
     faster than the layer itself are not offered (never make a layer slower).
     """
-    top = lowrank.max_saving_rank(layer)
-    ranks = list(range(multiple, top + 1, multiple))
-    if 1 <= top < multiple:
-        ranks.append(top)
+    ranks = rank_grid(layer, multiple)
     if timer is None:
         options = [allocation.Option(cost=layer.macs, damage=0.0, value=None)]
         options += [allocation.Option(lowrank.decomposed_macs(layer, rank), allocation.energy_damage(eigenvalues, rank), rank) for rank in ranks]
@@ -217,9 +230,7 @@ def choose_ranks(layers: list[Layer], candidates: list[Layer], targets: dict[str
         fixed = sum(timer.seconds(layer) for layer in others)
         timings["latency_table"] = time.perf_counter() - t0
     if measure is not None:
-        t0 = time.perf_counter()
         layer_options = measure(layer_options)
-        timings["sensitivity"] = time.perf_counter() - t0
     total = fixed + sum(opts[0].cost for opts in layer_options)
     budget = total / options.speedup - fixed
     if options.allocation == "uniform":
@@ -288,6 +299,76 @@ def plan_candidates(layers: list[Layer], exclude: list[str]) -> tuple[list[Layer
     return candidates, reasons
 
 
+@dataclass
+class Plan:
+    """The prepared graph, its layers, and the ones the low-rank pass may factorise."""
+
+    prepared: onnx.ModelProto
+    preparation: dict
+    graph: gs.Graph
+    layers: list[Layer]
+    candidates: list[Layer]
+    reasons: dict[str, str]       # why each other layer is left alone
+
+
+def plan(model: onnx.ModelProto, exclude: list[str]) -> Plan:
+    """Step 1: prepare the graph (``graph.prepare``) and pick the candidate layers."""
+    prepared, preparation = graphs.prepare(model)
+    graph = graphs.import_graph(prepared)
+    layers = find_layers(graph)
+    candidates, reasons = plan_candidates(layers, exclude)
+    if not candidates:
+        detail = "; ".join(f"{name}: {why}" for name, why in list(reasons.items())[:3]) or "the model has no Conv or Gemm layers"
+        raise UserError(f"nothing to compress: no layer can be low-rank factorised ({detail})")
+    return Plan(prepared, preparation, graph, layers, candidates, reasons)
+
+
+@dataclass
+class Calibration:
+    """Step 2: the ORIGINAL model's sampled responses of every candidate layer."""
+
+    plan: Plan
+    sampler: ResponseSampler
+    samples: list[dict[str, np.ndarray]]       # calibration batches, decoded once
+    targets: dict[str, np.ndarray]
+
+
+def calibrate(model_plan: Plan, calib: DataSource, options: CompressOptions,
+              progress: Progress | None = None) -> Calibration:
+    sampler = ResponseSampler(calib, model_plan.candidates, options.rows_per_layer, options.seed)
+    samples = list(calib.batches(sampler.batch_size))
+    targets = sampler.collect(model_plan.prepared, model_plan.candidates, CutRunner(samples, options.threads),
+                              progress, "original model")
+    return Calibration(model_plan, sampler, samples, targets)
+
+
+def layer_sensitivity(model: onnx.ModelProto, model_plan: Plan, calib: DataSource, held_out: DataSource | None,
+                      options: CompressOptions, labels: np.ndarray | None = None, progress: Progress | None = None,
+                      cal: Calibration | None = None) -> Analysis:
+    """Per-layer damage curves (``onnxopt.sensitivity``) on ``held_out`` (default: part of the
+    calibration set), from the disk cache when the model, data and settings are unchanged
+    (then nothing is calibrated or run)."""
+    if held_out is None or not len(held_out):
+        held_out = calib.subset(range(min(128, len(calib))))
+    allowed = {layer.name: rank_grid(layer, options.rank_multiple) for layer in model_plan.candidates}
+    key = {"analysis": "lowrank-sensitivity/1", "model": model_digest(model), "calib": data_digest(calib),
+           "held_out": data_digest(held_out), "seed": options.seed, "rows_per_layer": options.rows_per_layer,
+           "grid": options.sensitivity_grid, "ranks": allowed,
+           "labels": None if labels is None else hashlib.sha256(np.asarray(labels, np.int64).tobytes()).hexdigest()}
+    cache = DiskCache(options.cache_dir)
+    hit = cache.get("sensitivity", key)
+    if hit is not None:
+        analysis = Analysis.from_json(hit)
+        analysis.cached = True
+        return analysis
+    cal = cal or calibrate(model_plan, calib, options, progress)
+    batches = list(held_out.batches(cal.sampler.batch_size))
+    analysis = analyze(model_plan.prepared, model_plan.candidates, allowed, cal.targets, batches, labels, options.threads,
+                       options.sensitivity_grid, progress)
+    cache.put("sensitivity", key, analysis.to_json())
+    return analysis
+
+
 def compress(model: onnx.ModelProto, calib: DataSource | None, holdout: DataSource | None, options: CompressOptions,
              progress: Progress | None = None) -> CompressionResult:
     """Compress ``model`` with ``options.method`` (see the module docstring for low-rank)."""
@@ -309,30 +390,25 @@ def compress(model: onnx.ModelProto, calib: DataSource | None, holdout: DataSour
         raise UserError(f"unknown --allocation {options.allocation!r}; choose one of: {', '.join(ALLOCATIONS)}")
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    prepared, preparation = graphs.prepare(model)
-    graph = graphs.import_graph(prepared)
-    layers = find_layers(graph)
-    candidates, reasons = plan_candidates(layers, options.exclude)
-    if not candidates:
-        detail = "; ".join(f"{name}: {why}" for name, why in list(reasons.items())[:3]) or "the model has no Conv or Gemm layers"
-        raise UserError(f"nothing to compress: no layer can be low-rank factorised ({detail})")
-    macs_before = model_macs(layers)
+    model_plan = plan(model, options.exclude)
+    prepared, graph, layers, candidates, reasons = (model_plan.prepared, model_plan.graph, model_plan.layers,
+                                                    model_plan.candidates, model_plan.reasons)
     timings["prepare"] = time.perf_counter() - start
-
-    sampler = ResponseSampler(calib, candidates, options.rows_per_layer, options.seed)
     t0 = time.perf_counter()
-    samples = list(calib.batches(sampler.batch_size))           # decoded once, reused by every run
-    targets = sampler.collect(prepared, candidates, CutRunner(samples, options.threads), progress, "original model")
+    cal = calibrate(model_plan, calib, options, progress)
+    sampler, samples, targets = cal.sampler, cal.samples, cal.targets
     timings["capture_original"] = time.perf_counter() - t0
+    macs_before = model_macs(layers)
 
     measure = None
     if options.allocation == "sensitivity":
-        from onnxopt.sensitivity import measured_options
-
-        held_out = holdout if holdout is not None and len(holdout) else calib.subset(range(min(128, len(calib))))
-        held_batches = list(held_out.batches(sampler.batch_size))
-        measure = lambda opts: measured_options(prepared, candidates, opts, targets, held_batches, options.threads,  # noqa: E731
-                                                progress=progress)
+        t0 = time.perf_counter()
+        analysis = layer_sensitivity(model, model_plan, calib, holdout, options, progress=progress, cal=cal)
+        timings["sensitivity"] = time.perf_counter() - t0
+        metric = analysis.default_metric() if options.sensitivity_metric == "auto" else options.sensitivity_metric
+        if metric not in analysis.metrics:
+            raise UserError(f"sensitivity metric {metric!r} was not measured for this model (measured: {', '.join(analysis.metrics)})")
+        measure = lambda opts: measured_options(opts, candidates, analysis, metric)  # noqa: E731
     ranks = choose_ranks(layers, candidates, targets, options, timings, measure)
     chosen = [layer for layer in candidates if ranks[layer.name] is not None]
 
@@ -386,16 +462,8 @@ def compress(model: onnx.ModelProto, calib: DataSource | None, holdout: DataSour
     return CompressionResult(
         model=compressed, layers=table, macs_before=macs_before, macs_after=macs_after,
         params_before=sum(r.params_before for r in table), params_after=sum(r.params_after for r in table),
-        verification=verification, preparation=preparation, timings=timings,
+        verification=verification, preparation=model_plan.preparation, timings=timings,
         calib_samples=len(calib), holdout_samples=len(holdout), rows_per_layer=options.rows_per_layer,
         stages=len(slices),
     )
 
-
-def shape_text(layer: Layer) -> str:
-    if layer.op == "Gemm":
-        return f"{layer.in_channels}->{layer.out_channels}"
-    kh, kw = layer.kernel
-    group = f" g{layer.group}" if layer.group > 1 else ""
-    stride = f" s{layer.strides[0]}" if tuple(layer.strides) != (1, 1) else ""
-    return f"{layer.in_channels}->{layer.out_channels} {kh}x{kw}{stride}{group}"

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from rich.table import Table
 
+from onnxopt.atomic import atomic_path
 from onnxopt.layers import Layer
 from onnxopt.pipeline import CompressionResult
 
@@ -87,19 +86,25 @@ def _fixed(value: float | None) -> str:
 
 
 def write_json(data: dict, path: Path) -> None:
-    """Write JSON atomically (temporary file in the same folder + rename)."""
-    folder = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, default=float)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write JSON atomically (``onnxopt.atomic``)."""
+    with atomic_path(path) as tmp, open(tmp, "w") as handle:
+        json.dump(data, handle, indent=2, default=float)
+        handle.write("\n")
 
 
 def print_json(data: dict) -> None:
     print(json.dumps(data, indent=2, default=float))
+
+
+def search_table(search: dict) -> Table:
+    """The speed-ups `compress --max-drop` tried, and what each measured."""
+    table = Table(title=f"--max-drop {search['max_drop']:g}: search over --speedup (original top-1 {search['base_top1']:.2f}% on {search['eval_data']})")
+    for column in ("--speedup", "MAC speed-up", "top-1", "drop", "verdict"):
+        table.add_column(column, justify="left" if column == "verdict" else "right")
+    for step in search["steps"]:
+        if step["drop"] is None:
+            table.add_row(f"{step['speedup']:.3f}", "", "", "", step["note"])
+            continue
+        table.add_row(f"{step['speedup']:.3f}", f"{step['mac_speedup']:.2f}x", f"{step['top1']:.2f}%", f"{step['drop']:.2f}",
+                      "within" if step["within"] else "over the target")
+    return table

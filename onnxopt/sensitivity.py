@@ -1,71 +1,211 @@
 """Per-layer sensitivity: the damage of compressing one layer alone, measured at the output.
 
 Niu et al. 2017 (ALGORITHMS.md §4): for each layer and a grid of ranks, factorise that layer
-alone and measure how much the model's outputs move on held-out samples. Here the damage is
-the relative squared error of the outputs, ``sum ||f_l,r(x) - f(x)||^2 / sum ||f(x)||^2``, a
-smooth proxy for the accuracy drop that needs no labels. The layer is factorised with the
-symmetric linear solver (PCA of its responses): cheap, and a faithful ranking of how much each
-layer tolerates. Only the part of the graph after the layer runs (``CutRunner`` from the
-original model's values at a cut just before it). Ranks between grid points are interpolated,
-and the damage is made monotone (never larger at a higher rank).
+alone and measure how much the model's outputs move on held-out samples. The layer is
+factorised with the data-driven linear solver (Zhang et al.'s PCA of its responses on the
+calibration rows), the rest of the model is left as it is. Three damages are measured at each
+grid point, on the same samples:
+
+- ``error``: relative squared output error ``sum ||f_l,r(x) - f(x)||^2 / sum ||f(x)||^2``, a
+  smooth proxy that needs no labels;
+- ``kl``: for (N, classes) outputs, the mean ``KL(softmax f(x) || softmax f_l,r(x))``, the
+  proxy closest to accuracy (in nats);
+- ``top1_drop``: with labels (``--eval-data``), the top-1 accuracy lost, in points.
+
+Only the part of the graph after the layer runs (``CutRunner`` from the original model's
+values at a cut just before it), so a layer costs a fraction of a model run per grid point.
+Each curve is made monotone (never more damage at a higher rank), and ranks between grid
+points are interpolated when the curves price the allocation's options.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
 
 from onnxopt import graph as graphs
 from onnxopt.calib.capture import CutRunner, cut_before
-from onnxopt.layers import Layer, find_layers
+from onnxopt.layers import Layer, find_layers, shape_text
 from onnxopt.passes import allocation, lowrank
 
-
-def _relative_output_error(runner: CutRunner, model: onnx.ModelProto, outputs: list[str],
-                           reference: list[list[np.ndarray]]) -> float:
-    error = norm = 0.0
-    for (index, values), expected in zip(runner.run(model, outputs), reference):
-        for name, ref in zip(outputs, expected):
-            diff = values[name].astype(np.float64) - ref
-            error += float(np.square(diff).sum())
-            norm += float(np.square(ref.astype(np.float64)).sum())
-    return error / max(norm, 1e-30)
+METRICS = ("error", "kl", "top1_drop")
 
 
-def measured_options(prepared: onnx.ModelProto, candidates: list[Layer], layer_options: list[list[allocation.Option]],
-                     targets: dict[str, np.ndarray], batches: list[dict[str, np.ndarray]], threads: int = 0,
-                     grid: int = 4, progress: Callable[[str, int, int], None] | None = None) -> list[list[allocation.Option]]:
-    """``layer_options`` with each option's damage replaced by the measured output error."""
-    outputs = [o.name for o in prepared.graph.output]
+@dataclass
+class LayerCurve:
+    name: str
+    shape: str
+    macs: int
+    ranks: list[int]
+    macs_at: list[int]
+    error: list[float]
+    kl: list[float] | None = None
+    top1_drop: list[float] | None = None
+    seconds: float = 0.0
+
+    def damage(self, metric: str) -> np.ndarray:
+        """The ``metric`` at each grid rank, monotone: less rank, no less damage."""
+        values = getattr(self, metric)
+        if values is None:
+            raise ValueError(f"no {metric} measured for {self.name}")
+        order = np.argsort(self.ranks)
+        damages = np.maximum(np.asarray(values, np.float64)[order], 0.0)
+        damages = np.maximum.accumulate(damages[::-1])[::-1]
+        out = np.empty_like(damages)
+        out[order] = damages
+        return out
+
+
+@dataclass
+class Analysis:
+    curves: list[LayerCurve]
+    samples: int
+    base_top1: float | None = None
+    seconds: float = 0.0
+    cached: bool = False
+    metrics: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data.pop("cached")
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> Analysis:
+        data = dict(data)
+        curves = [LayerCurve(**curve) for curve in data.pop("curves")]
+        return cls(curves=curves, **data)
+
+    def curve(self, name: str) -> LayerCurve | None:
+        return next((c for c in self.curves if c.name == name), None)
+
+    def default_metric(self) -> str:
+        """``kl`` for classifiers (closest to accuracy, and smooth), else ``error``."""
+        return "kl" if "kl" in self.metrics else "error"
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+class OutputReference:
+    """The original model's outputs on the evaluation batches, and how far a variant moves them."""
+
+    def __init__(self, runner: CutRunner, model: onnx.ModelProto, labels: np.ndarray | None):
+        self.outputs = [o.name for o in model.graph.output]
+        self.values = [[values[name].astype(np.float64) for name in self.outputs] for _, values in runner.run(model, self.outputs)]
+        first = self.values[0][0] if self.values else np.zeros((0, 0))
+        self.classifier = first.ndim == 2 and first.shape[1] > 1
+        self.labels = labels
+        self.log_probs = [np.log(np.clip(_softmax(batch[0]), 1e-30, None)) for batch in self.values] if self.classifier else None
+        self.base_top1 = self.top1([batch[0] for batch in self.values]) if labels is not None and self.classifier else None
+
+    def top1(self, logits: list[np.ndarray]) -> float:
+        predicted = np.concatenate([batch.argmax(1) for batch in logits])
+        return float((predicted == self.labels[: len(predicted)]).mean() * 100)
+
+    def damages(self, runner: CutRunner, model: onnx.ModelProto) -> dict[str, float]:
+        error = norm = kl = 0.0
+        logits, rows = [], 0
+        for (index, values), expected in zip(runner.run(model, self.outputs), self.values):
+            for name, ref in zip(self.outputs, expected):
+                got = values[name].astype(np.float64)
+                error += float(np.square(got - ref).sum())
+                norm += float(np.square(ref).sum())
+            if self.classifier:
+                got = values[self.outputs[0]].astype(np.float64)
+                ref_p = np.exp(self.log_probs[index])
+                kl += float((ref_p * (self.log_probs[index] - np.log(np.clip(_softmax(got), 1e-30, None)))).sum())
+                rows += len(got)
+                logits.append(got)
+        result = {"error": error / max(norm, 1e-30)}
+        if self.classifier:
+            result["kl"] = kl / max(rows, 1)
+        if self.base_top1 is not None:
+            result["top1_drop"] = self.base_top1 - self.top1(logits)
+        return result
+
+
+def grid_ranks(ranks: list[int], grid: int) -> list[int]:
+    """``grid`` ranks spread evenly over the allowed ones (all of them if fewer)."""
+    if not ranks:
+        return []
+    picks = np.linspace(0, len(ranks) - 1, min(grid, len(ranks))).round().astype(int)
+    return sorted({ranks[i] for i in picks})
+
+
+def analyze(prepared: onnx.ModelProto, candidates: list[Layer], allowed_ranks: dict[str, list[int]],
+            targets: dict[str, np.ndarray], batches: list[dict[str, np.ndarray]], labels: np.ndarray | None = None,
+            threads: int = 0, grid: int = 4, progress: Callable[[str, int, int], None] | None = None) -> Analysis:
+    """Damage curves of every candidate layer compressed alone, at ``grid`` of its allowed ranks."""
+    start = time.perf_counter()
     runner = CutRunner(batches, threads)
-    reference = [[values[name] for name in outputs] for _, values in runner.run(prepared, outputs)]
+    reference = OutputReference(runner, prepared, labels)
     base = graphs.import_graph(prepared)
     base_layers = {layer.name: layer for layer in find_layers(base)}
-    measured = []
-    for number, (layer, options) in enumerate(zip(candidates, layer_options), 1):
-        ranked = [k for k, option in enumerate(options) if option.value is not None]
-        if not ranked:
-            measured.append(options)
-            continue
+    curves = []
+    for number, layer in enumerate(candidates, 1):
+        t0 = time.perf_counter()
+        ranks = grid_ranks(allowed_ranks[layer.name], grid)
         runner.advance(prepared, cut_before(base, base_layers[layer.name].node))
-        picks = sorted({ranked[int(i)] for i in np.linspace(0, len(ranked) - 1, min(grid, len(ranked))).round()})
         rows = targets[layer.name].astype(np.float64)
-        ranks, damages = [], []
-        for k in picks:
-            rank = options[k].value
+        measured: dict[str, list[float]] = {}
+        for rank in ranks:
             graph = graphs.import_graph(prepared)
             twin = next(l for l in find_layers(graph) if l.name == layer.name)
             lowrank.rewrite(graph, twin, lowrank.solve_linear(rows, rows, rank))
-            ranks.append(rank)
-            damages.append(_relative_output_error(runner, graphs.export(graph, prepared), outputs, reference))
-        damages = np.maximum.accumulate(np.asarray(damages)[::-1])[::-1]       # monotone: less rank, more damage
-        interpolated = np.interp([options[k].value for k in ranked], ranks, damages)
+            for metric, value in reference.damages(runner, graphs.export(graph, prepared)).items():
+                measured.setdefault(metric, []).append(value)
+        curves.append(LayerCurve(
+            name=layer.name, shape=shape_text(layer), macs=layer.macs, ranks=ranks,
+            macs_at=[lowrank.decomposed_macs(layer, r) for r in ranks], error=measured.get("error", []),
+            kl=measured.get("kl"), top1_drop=measured.get("top1_drop"), seconds=time.perf_counter() - t0))
+        if progress:
+            progress("sensitivity", number, len(candidates))
+    metrics = [m for m in METRICS if m == "error" or (m == "kl" and reference.classifier) or (m == "top1_drop" and reference.base_top1 is not None)]
+    return Analysis(curves=curves, samples=sum(len(next(iter(b.values()))) for b in batches),
+                    base_top1=reference.base_top1, seconds=time.perf_counter() - start, metrics=metrics)
+
+
+def measured_options(layer_options: list[list[allocation.Option]], candidates: list[Layer], analysis: Analysis,
+                     metric: str) -> list[list[allocation.Option]]:
+    """``layer_options`` with each option's damage replaced by ``analysis``'s measured ``metric``
+    (interpolated between grid ranks; keeping the layer costs nothing)."""
+    priced = []
+    for layer, options in zip(candidates, layer_options):
+        curve = analysis.curve(layer.name)
+        ranked = [k for k, option in enumerate(options) if option.value is not None]
+        if curve is None or not curve.ranks or not ranked:
+            priced.append(options)
+            continue
+        damages = curve.damage(metric)
+        order = np.argsort(curve.ranks)
+        interpolated = np.interp([options[k].value for k in ranked], np.asarray(curve.ranks)[order], damages[order])
         new = list(options)
         for k, damage in zip(ranked, interpolated):
             new[k] = allocation.Option(options[k].cost, float(damage), options[k].value)
-        measured.append(new)
-        if progress:
-            progress("sensitivity", number, len(candidates))
-    return measured
+        priced.append(new)
+    return priced
+
+
+def pareto_front(analysis: Analysis, layer_options: list[list[allocation.Option]], candidates: list[Layer],
+                 fixed_macs: int, metric: str, speedups: list[float]) -> list[dict]:
+    """Predicted damage (sum over layers, Niu et al.'s additive model) of the best allocation at
+    each speed-up: the knapsack solved for every budget."""
+    priced = measured_options(layer_options, candidates, analysis, metric)
+    total = fixed_macs + sum(options[0].cost for options in priced)
+    front = []
+    for speedup in speedups:
+        choice = allocation.allocate(priced, total / speedup - fixed_macs)
+        if choice is None:
+            break
+        macs = fixed_macs + sum(options[k].cost for options, k in zip(priced, choice))
+        front.append({"speedup_target": speedup, "mac_speedup": total / macs,
+                      "predicted_damage": float(sum(options[k].damage for options, k in zip(priced, choice)))})
+    return front

@@ -100,3 +100,9 @@ def small_calib_file(tmp_path) -> Path:
     path = tmp_path / "calib.npz"
     np.savez(path, x=rng.standard_normal((96, 3, 12, 12)).astype(np.float32))
     return path
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """Each test gets its own onnxopt disk cache (never the user's ~/.cache/onnxopt)."""
+    monkeypatch.setenv("ONNXOPT_CACHE_DIR", str(tmp_path_factory.mktemp("onnxopt-cache")))

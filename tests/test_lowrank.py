@@ -109,23 +109,27 @@ def test_latency_cost_offers_only_ranks_measured_faster():
 def test_sensitivity_damage_is_measured_monotone_and_zero_for_keep():
     from onnxopt.calib.capture import CutRunner
     from onnxopt.calib.readers import DataSource, InputSpec
-    from onnxopt.pipeline import ResponseSampler, _rank_options
-    from onnxopt.sensitivity import measured_options
+    from onnxopt.pipeline import ResponseSampler, _rank_options, rank_grid
+    from onnxopt.sensitivity import analyze, measured_options
 
     model, _ = prepare(small_cnn())
     layers = [l for l in find_layers(import_graph(model)) if lowrank.applicability(l) is None and l.op == "Conv"]
     x = np.random.default_rng(0).standard_normal((32, 3, 12, 12)).astype(np.float32)
+    labels = np.random.default_rng(1).integers(0, 10, 32)
     data = DataSource([InputSpec("x", ["N", 3, 12, 12])], arrays={"x": x})
     sampler = ResponseSampler(data, layers, 2048, 0)
     batches = list(data.batches(16))
     targets = sampler.collect(model, layers, CutRunner(batches))
+    analysis = analyze(model, layers, {l.name: rank_grid(l, 4) for l in layers}, targets, batches, labels)
+    assert analysis.metrics == ["error", "kl", "top1_drop"] and analysis.base_top1 is not None
     options = [_rank_options(l, np.ones(l.out_channels), 4) for l in layers]
-    measured = measured_options(model, layers, options, targets, batches)
-    for layer_options in measured:
-        assert layer_options[0].value is None and layer_options[0].damage == 0.0
-        ranked = sorted((o.value, o.damage) for o in layer_options[1:])
-        damages = [d for _, d in ranked]
-        assert all(d >= 0 for d in damages)
-        assert all(a >= b - 1e-12 for a, b in zip(damages, damages[1:]))     # less rank, more damage
-        if len(damages) > 1:
-            assert damages[0] > damages[-1]                                    # measured, not constant
+    for metric in analysis.metrics:
+        measured = measured_options(options, layers, analysis, metric)
+        for layer_options in measured:
+            assert layer_options[0].value is None and layer_options[0].damage == 0.0
+            ranked = sorted((o.value, o.damage) for o in layer_options[1:])
+            damages = [d for _, d in ranked]
+            assert all(d >= 0 for d in damages)
+            assert all(a >= b - 1e-12 for a, b in zip(damages, damages[1:]))     # less rank, more damage
+            if len(damages) > 1 and metric != "top1_drop":
+                assert damages[0] > damages[-1]                                    # measured, not constant

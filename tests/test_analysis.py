@@ -1,0 +1,148 @@
+"""`onnxopt analyze`, the sensitivity cache, and `compress --max-drop`."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import small_cnn
+from test_cli import assert_user_error, onnxopt
+
+
+# --- the search over --speedup --------------------------------------------------------------
+
+def _trials(drop_per_speedup, reach=10.0):
+    from onnxopt.errors import UserError
+    from onnxopt.target_search import Trial
+
+    tried = []
+
+    def try_speedup(speedup):
+        tried.append(speedup)
+        if speedup > reach:
+            raise UserError("out of reach")
+        return Trial(candidate=speedup, mac_speedup=speedup, top1=90.0 - drop_per_speedup(speedup))
+
+    return try_speedup, tried
+
+
+def test_search_finds_the_largest_speedup_within_the_drop():
+    from onnxopt.target_search import search_speedup
+
+    try_speedup, tried = _trials(lambda s: 4 * (s - 1))         # drop 2.0 exactly at s = 1.5
+    best, walked = search_speedup(try_speedup, 90.0, 2.0, start=1.2, steps=12, tolerance=0.02)
+    assert 1.5 / 1.02 <= best <= 1.5
+    assert all(step.within == (step.drop <= 2.0) for step in walked)
+    assert best == max(step.speedup for step in walked if step.within)
+
+
+def test_search_treats_out_of_reach_as_too_far_and_refuses_when_nothing_passes():
+    from onnxopt.errors import UserError
+    from onnxopt.target_search import search_speedup
+
+    try_speedup, _ = _trials(lambda s: 0.0, reach=2.0)          # no loss, but nothing above 2x
+    best, walked = search_speedup(try_speedup, 90.0, 1.0, start=1.5, steps=10, tolerance=0.05)
+    assert 2.0 / 1.05 <= best <= 2.0
+    assert any(step.note.startswith("out of reach") for step in walked)
+    try_speedup, _ = _trials(lambda s: 5.0)
+    with pytest.raises(UserError, match="raise --max-drop"):
+        search_speedup(try_speedup, 90.0, 1.0, start=1.5, steps=4)
+
+
+# --- the sensitivity curves and their cache ---------------------------------------------------
+
+def _sensitivity(model, data, tmp_path, grid=3, held=None):
+    from onnxopt.pipeline import CompressOptions, layer_sensitivity, plan
+
+    options = CompressOptions(speedup=2.0, sensitivity_grid=grid, rows_per_layer=1024, cache_dir=tmp_path / "cache")
+    return layer_sensitivity(model, plan(model, []), data, held, options)
+
+
+def test_sensitivity_is_cached_and_the_cache_follows_model_data_and_settings(tmp_path):
+    from onnxopt.calib.readers import DataSource, InputSpec
+
+    rng = np.random.default_rng(0)
+    spec = [InputSpec("x", ["N", 3, 12, 12])]
+    data = DataSource(spec, arrays={"x": rng.standard_normal((48, 3, 12, 12)).astype(np.float32)})
+    held = DataSource(spec, arrays={"x": rng.standard_normal((16, 3, 12, 12)).astype(np.float32)})
+    model = small_cnn()
+    first = _sensitivity(model, data, tmp_path, held=held)
+    again = _sensitivity(model, data, tmp_path, held=held)
+    assert not first.cached and again.cached
+    assert [c.error for c in again.curves] == [c.error for c in first.curves]
+    assert first.metrics == ["error", "kl"]                   # no labels: no top-1 drop
+    assert not _sensitivity(small_cnn(seed=1), data, tmp_path, held=held).cached            # another model
+    assert not _sensitivity(model, data, tmp_path, grid=4, held=held).cached                 # another grid
+    other = DataSource(spec, arrays={"x": held.arrays["x"] * 2})
+    assert not _sensitivity(model, data, tmp_path, held=other).cached                        # other held-out data
+    assert _sensitivity(model, data, tmp_path, held=held).cached
+
+
+def test_cache_ignores_a_corrupt_entry(tmp_path):
+    from onnxopt.cache import DiskCache
+
+    cache = DiskCache(tmp_path)
+    path = cache.put("kind", {"a": 1}, {"value": 2})
+    assert cache.get("kind", {"a": 1}) == {"value": 2} and cache.get("kind", {"a": 2}) is None
+    path.write_text("{truncated")
+    assert cache.get("kind", {"a": 1}) is None
+    assert not list(path.parent.glob(".*.tmp"))              # atomic writes leave no temporary files
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+def test_analyze_writes_json_and_plot_and_the_second_run_hits_the_cache(tmp_path, small_model_file, small_calib_file):
+    report, picture = tmp_path / "analysis.json", tmp_path / "analysis.png"
+    args = ["analyze", small_model_file, "--calib", small_calib_file, "--grid", "3", "-o", report]
+    first = onnxopt(*args, "--plot", picture)
+    assert first.returncode == 0, first.stderr
+    data = json.loads(report.read_text())
+    assert not data["cached"] and data["metric"] == "kl"
+    assert {c["name"] for c in data["analysis"]["curves"]} >= {"block.conv1", "block.conv2"}
+    assert data["front"] and all(b["mac_speedup"] >= a["mac_speedup"] for a, b in zip(data["front"], data["front"][1:]))
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    second = onnxopt(*args)
+    assert second.returncode == 0, second.stderr
+    assert json.loads(report.read_text())["cached"]
+    assert_user_error(onnxopt(*args, "--metric", "top1_drop"), "--metric top1_drop was not measured", "--eval-data")
+
+
+def _labelled_folders(tmp_path, model):
+    """Two disjoint labelled image folders whose labels are the model's own predictions."""
+    from onnxopt.calib.capture import make_session
+
+    rng = np.random.default_rng(3)
+    session = make_session(model, 1)
+    folders = []
+    for split, count in (("calib", 48), ("eval", 40)):
+        pixels = rng.integers(0, 256, (count, 12, 12, 3), dtype=np.uint8)
+        x = (pixels.astype(np.float32) / 255).transpose(0, 3, 1, 2)
+        predicted = session.run(None, {"x": x})[0].argmax(1)
+        for i, (image, label) in enumerate(zip(pixels, predicted)):
+            folder = tmp_path / split / f"class{label:02d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(folder / f"{i}.png")
+        folders.append(tmp_path / split)
+    for label in range(10):                  # every class has a folder, so folder index == label
+        for split in folders:
+            (split / f"class{label:02d}").mkdir(exist_ok=True)
+    return folders
+
+
+def test_max_drop_searches_and_refuses_evaluation_data_equal_to_calibration(tmp_path, small_model_file, small_model):
+    calib, evaluation = _labelled_folders(tmp_path, small_model)
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    common = ["compress", small_model_file, "-o", out, "--calib", calib, "--size", "12", "--method", "lowrank"]
+    assert_user_error(onnxopt(*common, "--max-drop", "1", "--eval-data", calib), "overlaps the calibration data")
+    assert_user_error(onnxopt(*common, "--max-drop", "1"), "--max-drop needs --eval-data")
+    assert_user_error(onnxopt(*common), "give --speedup")
+    assert not out.exists()
+    result = onnxopt(*common, "--max-drop", "100", "--eval-data", evaluation, "--search-steps", "2", "--report", report)
+    assert result.returncode == 0, result.stderr
+    search = json.loads(report.read_text())["max_drop_search"]
+    assert search["base_top1"] == 100.0                       # labels are the model's predictions
+    steps = search["steps"]
+    assert [round(s["speedup"], 3) for s in steps] == [1.5, 2.25]   # within the target: the search grows
+    best = max((s for s in steps if s["within"]), key=lambda s: s["speedup"])
+    assert json.loads(report.read_text())["mac_speedup"] == pytest.approx(best["mac_speedup"])
