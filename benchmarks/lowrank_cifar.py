@@ -23,16 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, SHARED, evaluate, latency_ratio, machine, models, onnxopt, run_measured  # noqa: E402
 
 VARIANTS = {
     "svd": ["--solver", "svd"],
@@ -43,37 +39,6 @@ VARIANTS = {
     "relu-asym-uniform": ["--allocation", "uniform"],
     "relu-asym-sensitivity": ["--allocation", "sensitivity"],
 }
-
-
-def run_measured(args: list[str]) -> tuple[subprocess.CompletedProcess, float, float]:
-    """Run a command; return it with its wall seconds and its own peak RSS in MB (os.wait4)."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        start = time.perf_counter()
-        process = subprocess.Popen(args, stdout=out, stderr=err, text=True)
-        _, status, usage = os.wait4(process.pid, 0)
-        wall = time.perf_counter() - start
-        out.seek(0)
-        err.seek(0)
-        result = subprocess.CompletedProcess(args, os.waitstatus_to_exitcode(status), out.read(), err.read())
-    return result, wall, usage.ru_maxrss / 1024
-
-
-def onnxopt(*args: str) -> list[str]:
-    return [sys.executable, "-m", "onnxopt", *args]
-
-
-def evaluate(model: Path, test: Path, limit: int | None) -> dict:
-    args = ["eval", str(model), "--data", str(test), "--preset", "cifar10", "--json"]
-    if limit:
-        args += ["--limit", str(limit)]
-    result = subprocess.run(onnxopt(*args), capture_output=True, text=True, check=True)
-    return json.loads(result.stdout)
-
-
-def latency_ratio(model: Path, baseline: Path, batch: int) -> dict:
-    result = subprocess.run(onnxopt("bench", str(model), "--baseline", str(baseline), "--batch", str(batch),
-                                    "--threads", "1", "--runs", "20", "--json"), capture_output=True, text=True, check=True)
-    return json.loads(result.stdout)
 
 
 def main() -> None:
@@ -87,19 +52,19 @@ def main() -> None:
     args = parser.parse_args()
     if not (SHARED / "models").is_dir():
         sys.exit("benchmarks need ../shared (reference models and CIFAR-10 images next to the repository)")
-    models = args.models or (["cifar10_resnet20"] if args.quick else ["cifar10_resnet56"])
+    names = args.models or (["cifar10_resnet20"] if args.quick else ["cifar10_resnet56"])
     speedups = args.speedups or ([1.5] if args.quick else [1.5, 2.0])
     variants = args.variants or (["svd", "linear-asym", "relu-asym"] if args.quick else list(VARIANTS))
     calib_size = 200 if args.quick else 2000
     eval_limit = 500 if args.quick else None
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
-    test = SHARED / "data/cifar10/test"
     train = SHARED / "data/cifar10/train"
     rows = []
-    for model_name in models:
+    specs = models()
+    for model_name in names:
         original = SHARED / "models" / f"{model_name}.onnx"
-        base_accuracy = evaluate(original, test, eval_limit)
+        base_accuracy = evaluate(original, specs[model_name], eval_limit)
         print(f"{model_name}: original top-1 {base_accuracy['top1']:.4f} on {base_accuracy['n']} test images", flush=True)
         for speedup in speedups:
             for variant in variants:
@@ -113,7 +78,7 @@ def main() -> None:
                     print(f"  {variant} {speedup}x failed: {result.stderr.strip().splitlines()[-1]}", flush=True)
                     continue
                 data = json.loads(report.read_text())
-                accuracy = evaluate(out, test, eval_limit)
+                accuracy = evaluate(out, specs[model_name], eval_limit)
                 latency = {batch: latency_ratio(out, original, batch) for batch in (32, 1)}
                 mac_ratio = data["macs_before"] / data["macs_after"]
                 row = {
@@ -131,12 +96,7 @@ def main() -> None:
                 print(f"  {speedup:g}x {variant:18s} top-1 {accuracy['top1']:.4f} (drop {row['top1_drop_points']:.2f}) "
                       f"MACs {mac_ratio:.2f}x  latency b32 {row['latency_speedup_b32']:.2f}x b1 {row['latency_speedup_b1']:.2f}x  "
                       f"{wall:.0f} s  {peak_mb:.0f} MB", flush=True)
-    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version()}
-    try:
-        machine["cpu"] = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    summary = {"date": time.strftime("%Y-%m-%d"), "machine": machine, "quick": args.quick, "rows": rows}
+    summary = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "quick": args.quick, "rows": rows}
     (args.out / ("lowrank_quick.json" if args.quick else "lowrank_cifar.json")).write_text(json.dumps(summary, indent=2) + "\n")
     header = "| model | target | variant | MACs ratio | top-1 | drop (pts) | ORT speed-up b32 | b1 | speed-up ÷ MAC ratio | time (s) | peak RSS (MB) |"
     print()
