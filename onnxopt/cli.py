@@ -104,8 +104,8 @@ def inspect(
 def compress(
     model_path: Path = typer.Argument(..., metavar="IN.onnx", help="Trained model (never modified)."),
     output: Path = typer.Option(..., "-o", "--output", help="Where to write the compressed model."),
-    method: str = typer.Option("lowrank", "--method", help="lowrank (Zhang et al.), prune (He et al. LASSO + least squares), filter-std or filter-l1 (data-free ranking; refit with --calib)."),
-    speedup: float = typer.Option(..., "--speedup", help="Target: whole-model MACs become at most original/SPEEDUP."),
+    method: str = typer.Option("lowrank", "--method", help="lowrank (Zhang et al.), prune (He et al. LASSO + least squares), filter-std or filter-l1 (data-free ranking; refit with --calib), tucker2 (MUSCO: Tucker-2/SVD with weakened EVBMF ranks, least-squares refit instead of fine-tuning)."),
+    speedup: Optional[float] = typer.Option(None, "--speedup", help="Target: whole-model MACs become at most original/SPEEDUP (required, except with --method tucker2: ranks then come from EVBMF alone)."),
     calib: Optional[list[str]] = typer.Option(None, "--calib", help="Calibration data: image folder, .npy/.npz, or name:file.npy (repeatable)."),
     preset: Optional[str] = PresetOption,
     size: Optional[int] = typer.Option(None, "--size", help="Final image size (square)."),
@@ -128,6 +128,8 @@ def compress(
     external_data: bool = typer.Option(False, "--external-data", help="Write weights to one OUT.data file beside the model (automatic over 2 GiB)."),
     round_to: int = typer.Option(4, "--round-to", help="Pruning: kept channel counts are multiples of this (1, 4, 8, 16)."),
     cost: str = typer.Option("macs", "--cost", help="What --speedup divides: macs, or latency (each layer timed in onnxruntime; never slower)."),
+    vbmf_weaken: float = typer.Option(0.8, "--vbmf-weaken", help="tucker2: weakening factor w in (0,1] of the EVBMF ranks, rank = full - w (full - EVBMF) (1: EVBMF ranks as they are)."),
+    compression_stages: int = typer.Option(1, "--stages", help="tucker2: MUSCO stages (decompose, refit, repeat on the result); with --speedup, stop once it is met. Not --calib-stages."),
 ) -> None:
     """Compress IN.onnx to a model with SPEEDUP times fewer MACs, calibrated on your data."""
     from onnxopt.graph import load_model, save_model_atomic
@@ -135,7 +137,9 @@ def compress(
     from onnxopt.pipeline import compress as run_compress
     from onnxopt.report import compress_tables, write_json
 
-    if speedup <= 1:
+    if speedup is None and method != "tucker2":
+        raise UserError(f"--method {method} needs --speedup (e.g. --speedup 2 for half the MACs)")
+    if speedup is not None and speedup <= 1:
         raise UserError(f"--speedup must be greater than 1 (got {speedup:g}); 2 means half the MACs")
     if calib_size < 1:
         raise UserError(f"--calib-size must be at least 1 (got {calib_size})")
@@ -154,7 +158,8 @@ def compress(
         raise UserError(f"--method {method} is data-driven: give calibration data with --calib (an image folder or .npz)")
     options = CompressOptions(speedup=speedup, method=method, exclude=list(exclude or []), seed=seed,
                               rows_per_layer=rows, stages=stages, threads=threads, solver=solver,
-                              asymmetric=not symmetric, allocation=allocation, cost=cost, round_to=round_to)
+                              asymmetric=not symmetric, allocation=allocation, cost=cost, round_to=round_to,
+                              vbmf_weaken=vbmf_weaken, compression_stages=compression_stages)
     bar, progress = _progress()
     if bar:
         with bar:

@@ -40,13 +40,13 @@ SHORTCUT = "/shortcut"
 SOLVERS = ("auto", "linear", "svd")
 ALLOCATIONS = ("energy", "uniform", "sensitivity")
 PRUNE_METHODS = ("prune", "filter-std", "filter-l1")
-METHODS = ("lowrank", *PRUNE_METHODS)
+METHODS = ("lowrank", *PRUNE_METHODS, "tucker2")
 COSTS = ("macs", "latency")
 
 
 @dataclass
 class CompressOptions:
-    speedup: float
+    speedup: float | None           # None: only with method "tucker2" (ranks from EVBMF alone)
     method: str = "lowrank"
     exclude: list[str] = field(default_factory=list)
     seed: int = 0
@@ -61,6 +61,8 @@ class CompressOptions:
     round_to: int = 4               # pruning: kept channel counts are multiples of this
     latency_batch: int = 8
     threads: int = 0
+    vbmf_weaken: float = 0.8        # tucker2: MUSCO's weakening factor of the EVBMF ranks, in (0, 1]
+    compression_stages: int = 1     # tucker2: MUSCO stages (--stages; not --calib-stages)
 
 
 @dataclass
@@ -291,6 +293,10 @@ def plan_candidates(layers: list[Layer], exclude: list[str]) -> tuple[list[Layer
 def compress(model: onnx.ModelProto, calib: DataSource | None, holdout: DataSource | None, options: CompressOptions,
              progress: Progress | None = None) -> CompressionResult:
     """Compress ``model`` with ``options.method`` (see the module docstring for low-rank)."""
+    if options.method == "tucker2":
+        from onnxopt.tucker_pipeline import compress_tucker2
+
+        return compress_tucker2(model, calib, holdout, options, progress)
     if options.speedup <= 1:
         raise UserError(f"--speedup must be greater than 1 (got {options.speedup})")
     if options.method not in METHODS:
