@@ -119,7 +119,8 @@ def _plan_stage(states: list[_State], fixed: int, budget: float | None, last: bo
     """New ranks for each layer this stage (only those that change), and the ``t`` used."""
     current, weakened = {}, {}
     for state in states:
-        estimate = tucker2.estimate_ranks(state.decomposition, weaken)
+        with threadpool_limits(limits=1, user_api="blas"):
+            estimate = tucker2.estimate_ranks(state.decomposition, weaken)
         now = state.decomposition.ranks
         weakened[state.layer.name] = (min(now[0], estimate.r_out or now[0]),
                                       None if now[1] is None else min(now[1], estimate.r_in or now[1]))
@@ -241,7 +242,8 @@ def compress_tucker2(model: onnx.ModelProto, calib: DataSource | None, holdout: 
         changed = [state for state in states if state.layer.name in changes]
         for state in changed:
             ranks = changes[state.layer.name]
-            state.decomposition = tucker2.redecompose(state.decomposition, *ranks)
+            with threadpool_limits(limits=1, user_api="blas"):     # small SVDs: threads only contend
+                state.decomposition = tucker2.redecompose(state.decomposition, *ranks)
             state.nodes = tucker2.rewrite(graph, state.layer, state.nodes, state.decomposition)
             state.decomposed = True
         timings[f"stage{stage}_decompose"] = time.perf_counter() - t0

@@ -72,17 +72,17 @@ class Decomposition:
 
     def weight(self) -> np.ndarray:
         """The full (O, I, kh, kw) weight this decomposition computes."""
-        core = self.core if self.in_factor is None else np.einsum("abkl,ib->aikl", self.core, self.in_factor)
-        return np.einsum("aikl,oa->oikl", core, self.out_factor)
+        core = self.core if self.in_factor is None else np.einsum("abkl,ib->aikl", self.core, self.in_factor, optimize=True)
+        return np.einsum("aikl,oa->oikl", core, self.out_factor, optimize=True)
 
     def normalized(self) -> Decomposition:
         """The same weight with orthonormal factors (their triangular QR parts moved into the core)."""
         q_out, r_out = np.linalg.qr(self.out_factor)
-        core = np.einsum("aikl,ca->cikl", self.core, r_out)
+        core = np.einsum("aikl,ca->cikl", self.core, r_out, optimize=True)
         q_in = None
         if self.in_factor is not None:
             q_in, r_in = np.linalg.qr(self.in_factor)
-            core = np.einsum("abkl,cb->ackl", core, r_in)
+            core = np.einsum("abkl,cb->ackl", core, r_in, optimize=True)
         return Decomposition(q_out, core, q_in, self.bias)
 
 
@@ -118,12 +118,12 @@ def hooi(tensor: np.ndarray, r_out: int, r_in: int) -> tuple[np.ndarray, np.ndar
     tensor = np.asarray(tensor, np.float64)
     norm = max(np.linalg.norm(tensor), 1e-300)
     u_out, u_in = _leading(unfold(tensor, 0), r_out), _leading(unfold(tensor, 1), r_in)
-    core = np.einsum("oikl,oa,ib->abkl", tensor, u_out, u_in)
+    core = np.einsum("oikl,oa,ib->abkl", tensor, u_out, u_in, optimize=True)
     fit = np.linalg.norm(core) / norm
     for _ in range(HOOI_MAX_ITERATIONS):
-        u_out = _leading(unfold(np.einsum("oikl,ib->obkl", tensor, u_in), 0), r_out)
-        u_in = _leading(unfold(np.einsum("oikl,oa->aikl", tensor, u_out), 1), r_in)
-        core = np.einsum("oikl,oa,ib->abkl", tensor, u_out, u_in)
+        u_out = _leading(unfold(np.einsum("oikl,ib->obkl", tensor, u_in, optimize=True), 0), r_out)
+        u_in = _leading(unfold(np.einsum("oikl,oa->aikl", tensor, u_out, optimize=True), 1), r_in)
+        core = np.einsum("oikl,oa,ib->abkl", tensor, u_out, u_in, optimize=True)
         previous, fit = fit, np.linalg.norm(core) / norm      # ||W - approx||^2 = ||W||^2 - ||G||^2
         if abs(fit - previous) < HOOI_TOLERANCE:
             break
