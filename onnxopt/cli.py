@@ -106,8 +106,8 @@ def inspect(
 def compress(
     model_path: Path = typer.Argument(..., metavar="IN.onnx", help="Trained model (never modified)."),
     output: Path = typer.Option(..., "-o", "--output", help="Where to write the compressed model."),
-    method: Optional[str] = typer.Option(None, "--method", help="lowrank (Zhang et al.; the default), prune (He et al. LASSO + least squares), filter-std or filter-l1 (data-free ranking; refit with --calib); with --max-drop the default is auto."),
-    speedup: Optional[float] = typer.Option(None, "--speedup", help="Target: whole-model MACs become at most original/SPEEDUP (with --max-drop: where the search starts)."),
+    method: Optional[str] = typer.Option(None, "--method", help="lowrank (Zhang et al.; the default), prune (He et al. LASSO + least squares), filter-std or filter-l1 (data-free ranking; refit with --calib), tucker2 (MUSCO: Tucker-2/SVD with weakened EVBMF ranks, least-squares refit instead of fine-tuning); with --max-drop the default is auto."),
+    speedup: Optional[float] = typer.Option(None, "--speedup", help="Target: whole-model MACs become at most original/SPEEDUP (with --max-drop: where the search starts; optional with --method tucker2: ranks then come from EVBMF alone)."),
     calib: Optional[list[str]] = typer.Option(None, "--calib", help="Calibration data: image folder, .npy/.npz, or name:file.npy (repeatable)."),
     preset: Optional[str] = PresetOption,
     size: Optional[int] = typer.Option(None, "--size", help="Final image size (square)."),
@@ -126,7 +126,7 @@ def compress(
     threads: int = typer.Option(0, "--threads", help="onnxruntime threads for calibration (0: all cores)."),
     solver: str = typer.Option("auto", "--solver", help="auto (ReLU-aware where a ReLU follows), linear, or svd (data-free baseline)."),
     symmetric: bool = typer.Option(False, "--symmetric", help="Take layer inputs from the original model (baseline; default is asymmetric)."),
-    allocation: Optional[str] = typer.Option(None, "--allocation", help="Rank allocation under the budget: energy (default), uniform, or sensitivity (each layer's rank grid measured at the output on held-out samples, cached; the default with --max-drop)."),
+    allocation: Optional[str] = typer.Option(None, "--allocation", help="Rank allocation under the budget: energy (default), uniform, sensitivity (each layer's rank grid measured at the output on held-out samples, cached; the default with --max-drop), or vbmf (ranks proportional to each layer's weakened EVBMF rank, --vbmf-weaken)."),
     external_data: bool = typer.Option(False, "--external-data", help="Write weights to one OUT.data file beside the model (automatic over 2 GiB)."),
     round_to: int = typer.Option(4, "--round-to", help="Pruning: kept channel counts are multiples of this (1, 4, 8, 16)."),
     cost: str = typer.Option("macs", "--cost", help="What --speedup divides: macs, or latency (each layer timed in onnxruntime; never slower)."),
@@ -136,6 +136,8 @@ def compress(
     labels: Optional[Path] = opt.Labels,
     label_offset: int = opt.LabelOffset,
     search_steps: int = typer.Option(7, "--search-steps", help="--max-drop: compressions tried at most."),
+    vbmf_weaken: float = typer.Option(0.8, "--vbmf-weaken", help="tucker2 and --allocation vbmf: weakening factor w in (0,1] of the EVBMF ranks, rank = full - w (full - EVBMF) (1: EVBMF ranks as they are)."),
+    compression_stages: int = typer.Option(1, "--stages", help="tucker2: MUSCO stages (decompose, refit, repeat on the result); with --speedup, stop once it is met. Not --calib-stages."),
 ) -> None:
     """Compress IN.onnx to a model with SPEEDUP times fewer MACs, calibrated on your data."""
     from onnxopt.graph import load_model, save_model_atomic
@@ -143,7 +145,7 @@ def compress(
     from onnxopt.pipeline import compress as run_compress
     from onnxopt.report import compress_tables, search_table, write_json
 
-    if max_drop is None and speedup is None:
+    if max_drop is None and speedup is None and method != "tucker2":
         raise UserError("give --speedup S (S times fewer MACs) or --max-drop D with --eval-data DIR (the fastest model within D points)")
     if speedup is not None and speedup <= 1:
         raise UserError(f"--speedup must be greater than 1 (got {speedup:g}); 2 means half the MACs")
@@ -166,9 +168,10 @@ def compress(
         calib_data, holdout_data = split_source(source, calib_size, holdout, seed)
     elif not method.startswith("filter-"):
         raise UserError(f"--method {method} is data-driven: give calibration data with --calib (an image folder or .npz)")
-    options = CompressOptions(speedup=speedup or 1.5, method=method, exclude=list(exclude or []), seed=seed,
+    options = CompressOptions(speedup=speedup or (1.5 if max_drop is not None else None), method=method, exclude=list(exclude or []), seed=seed,
                               rows_per_layer=rows, stages=stages, threads=threads, solver=solver,
-                              asymmetric=not symmetric, allocation=allocation, cost=cost, round_to=round_to)
+                              asymmetric=not symmetric, allocation=allocation, cost=cost, round_to=round_to,
+                              vbmf_weaken=vbmf_weaken, compression_stages=compression_stages)
     search = None
     bar, progress = _progress()
     with bar or nullcontext():

@@ -35,22 +35,22 @@ from onnxopt.calib.stats import RowSample, responses_at, sample_positions
 from onnxopt.errors import UserError
 from onnxopt.latency import LayerTimer
 from onnxopt.layers import Layer, find_layers, model_macs, shape_text
-from onnxopt.passes import allocation, lowrank
+from onnxopt.passes import allocation, lowrank, vbmf
 from onnxopt.sensitivity import Analysis, analyze, measured_options
 from onnxopt.verify import Verification, verify
 
 Progress = Callable[[str, int, int], None]
 SHORTCUT = "/shortcut"
 SOLVERS = ("auto", "linear", "svd")
-ALLOCATIONS = ("energy", "uniform", "sensitivity")
+ALLOCATIONS = ("energy", "uniform", "sensitivity", "vbmf")
 PRUNE_METHODS = ("prune", "filter-std", "filter-l1")
-METHODS = ("lowrank", *PRUNE_METHODS)
+METHODS = ("lowrank", *PRUNE_METHODS, "tucker2")
 COSTS = ("macs", "latency")
 
 
 @dataclass
 class CompressOptions:
-    speedup: float
+    speedup: float | None           # None: only with method "tucker2" (ranks from EVBMF alone)
     method: str = "lowrank"
     exclude: list[str] = field(default_factory=list)
     seed: int = 0
@@ -68,6 +68,8 @@ class CompressOptions:
     sensitivity_grid: int = 4       # ranks measured per layer (--allocation sensitivity, analyze)
     sensitivity_metric: str = "auto"  # "auto" (kl for classifiers, else error), "error", "kl", "top1_drop"
     cache_dir: Path | None = field(default_factory=default_dir)   # None: no disk cache
+    vbmf_weaken: float = 0.8        # tucker2: MUSCO's weakening factor of the EVBMF ranks, in (0, 1]
+    compression_stages: int = 1     # tucker2: MUSCO stages (--stages; not --calib-stages)
 
 
 @dataclass
@@ -234,7 +236,9 @@ def choose_ranks(layers: list[Layer], candidates: list[Layer], targets: dict[str
     total = fixed + sum(opts[0].cost for opts in layer_options)
     budget = total / options.speedup - fixed
     if options.allocation == "uniform":
-        choice = _uniform_choice(candidates, layer_options, budget)
+        choice = _proportional_choice([layer.out_channels for layer in candidates], layer_options, budget)
+    elif options.allocation == "vbmf":
+        choice = _proportional_choice(vbmf_references(candidates, options.vbmf_weaken), layer_options, budget)
     else:
         choice = allocation.allocate(layer_options, budget)
     if choice is None:
@@ -247,12 +251,13 @@ def choose_ranks(layers: list[Layer], candidates: list[Layer], targets: dict[str
     return {layer.name: opts[k].value for layer, opts, k in zip(candidates, layer_options, choice)}
 
 
-def _uniform_choice(layers: list[Layer], layer_options: list[list[allocation.Option]], budget: float) -> list[int] | None:
-    """The same fraction of each layer's rank, the largest that meets ``budget`` (bisection)."""
+def _proportional_choice(references: list[float], layer_options: list[list[allocation.Option]], budget: float) -> list[int] | None:
+    """The same fraction of each layer's reference rank (its full rank: uniform; its EVBMF
+    rank: vbmf), the largest fraction that meets ``budget`` (bisection)."""
     def pick(fraction: float) -> list[int]:
         chosen = []
-        for layer, options in zip(layers, layer_options):
-            wanted = fraction * layer.out_channels
+        for reference, options in zip(references, layer_options):
+            wanted = fraction * reference
             ranked = [(k, o) for k, o in enumerate(options) if o.value is not None]
             fitting = [k for k, o in ranked if o.value <= wanted]
             chosen.append(max(fitting, key=lambda k: options[k].value) if fitting else (ranked[0][0] if ranked else 0))
@@ -268,6 +273,18 @@ def _uniform_choice(layers: list[Layer], layer_options: list[list[allocation.Opt
         middle = (low + high) / 2
         low, high = (middle, high) if cost(pick(middle)) <= budget else (low, middle)
     return pick(low)
+
+
+def vbmf_references(layers: list[Layer], weaken_factor: float) -> list[float]:
+    """Each layer's weakened EVBMF rank of its weight matrix (d x c k^2; MUSCO, ALGORITHMS.md
+    §5), or its full rank where EVBMF is guarded (no rank estimate: nothing to scale by)."""
+    if not 0 < weaken_factor <= 1:
+        raise UserError(f"--vbmf-weaken must be in (0, 1] (got {weaken_factor}); 1 uses the EVBMF ranks as they are")
+    references = []
+    for layer in layers:
+        rank, _ = vbmf.weakened_rank(layer.weight_matrix().astype(np.float64), weaken_factor)
+        references.append(float(rank if rank is not None else layer.out_channels))
+    return references
 
 
 def _stage_slices(count: int, stages: int) -> list[slice]:
@@ -372,6 +389,10 @@ def layer_sensitivity(model: onnx.ModelProto, model_plan: Plan, calib: DataSourc
 def compress(model: onnx.ModelProto, calib: DataSource | None, holdout: DataSource | None, options: CompressOptions,
              progress: Progress | None = None) -> CompressionResult:
     """Compress ``model`` with ``options.method`` (see the module docstring for low-rank)."""
+    if options.method == "tucker2":
+        from onnxopt.tucker_pipeline import compress_tucker2
+
+        return compress_tucker2(model, calib, holdout, options, progress)
     if options.speedup <= 1:
         raise UserError(f"--speedup must be greater than 1 (got {options.speedup})")
     if options.method not in METHODS:

@@ -133,3 +133,31 @@ def test_sensitivity_damage_is_measured_monotone_and_zero_for_keep():
             assert all(a >= b - 1e-12 for a, b in zip(damages, damages[1:]))     # less rank, more damage
             if len(damages) > 1 and metric != "top1_drop":
                 assert damages[0] > damages[-1]                                    # measured, not constant
+
+
+def test_proportional_choice_scales_every_layer_by_one_fraction_of_its_reference():
+    from onnxopt.passes.allocation import Option
+    from onnxopt.pipeline import _proportional_choice
+
+    def options(full):                       # cost = rank (keep = full rank)
+        return [Option(full, 0.0, None)] + [Option(r, 0.0, r) for r in range(4, full, 4)]
+
+    layer_options = [options(64), options(64)]
+    choice = _proportional_choice([16.0, 64.0], layer_options, budget=40)
+    ranks = [layer_options[i][k].value for i, k in enumerate(choice)]
+    assert sum(ranks) <= 40 and ranks[0] < ranks[1]
+    assert ranks[1] / 64 == pytest.approx(ranks[0] / 16, abs=0.3)
+    assert _proportional_choice([16.0, 64.0], layer_options, budget=4) is None   # below the smallest ranks
+
+
+def test_vbmf_allocation_meets_the_budget(tmp_path):
+    from onnxopt.calib.readers import DataSource, InputSpec
+    from onnxopt.pipeline import CompressOptions, compress
+
+    x = np.random.default_rng(0).standard_normal((48, 3, 12, 12)).astype(np.float32)
+    data = DataSource([InputSpec("x", ["N", 3, 12, 12])], arrays={"x": x})
+    result = compress(small_cnn(), data, data.subset(range(8)), CompressOptions(speedup=1.3, allocation="vbmf", rows_per_layer=1024))
+    assert result.macs_before / result.macs_after >= 1.3
+    from onnxopt.errors import UserError
+    with pytest.raises(UserError, match="--vbmf-weaken"):
+        compress(small_cnn(), data, None, CompressOptions(speedup=1.3, allocation="vbmf", vbmf_weaken=1.5))
