@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from onnxopt import __version__
 from onnxopt import cli_options as opt
-from onnxopt.calib.readers import PRESETS, InputSpec, make_preprocess, open_source, split_source
+from onnxopt.calib.readers import InputSpec, make_preprocess, open_source, split_source
 from onnxopt.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -65,9 +65,6 @@ def _progress() -> tuple[Progress | None, callable]:
     return bar, update
 
 
-PresetOption = typer.Option(None, "--preset", help=f"Preprocessing preset: {', '.join(PRESETS)}.")
-
-
 @app.command()
 def inspect(
     model_path: Path = typer.Argument(..., metavar="IN.onnx", help="Model to inspect."),
@@ -109,18 +106,18 @@ def compress(
     method: Optional[str] = typer.Option(None, "--method", help="lowrank (Zhang et al.; the default), prune (He et al. LASSO + least squares), filter-std or filter-l1 (data-free ranking; refit with --calib), tucker2 (MUSCO: Tucker-2/SVD with weakened EVBMF ranks, least-squares refit instead of fine-tuning); with --max-drop the default is auto."),
     speedup: Optional[float] = typer.Option(None, "--speedup", help="Target: whole-model MACs become at most original/SPEEDUP (with --max-drop: where the search starts; optional with --method tucker2: ranks then come from EVBMF alone)."),
     calib: Optional[list[str]] = typer.Option(None, "--calib", help="Calibration data: image folder, .npy/.npz, or name:file.npy (repeatable)."),
-    preset: Optional[str] = PresetOption,
-    size: Optional[int] = typer.Option(None, "--size", help="Final image size (square)."),
-    resize: Optional[int] = typer.Option(None, "--resize", help="Resize the shorter side before the centre crop."),
-    mean: Optional[str] = typer.Option(None, "--mean", help="Per-channel mean, e.g. 0.485,0.456,0.406."),
-    std: Optional[str] = typer.Option(None, "--std", help="Per-channel std, e.g. 0.229,0.224,0.225."),
-    scale: Optional[float] = typer.Option(None, "--scale", help="Pixel scale before mean/std (default 1/255)."),
-    channel_order: Optional[str] = typer.Option(None, "--channel-order", help="rgb or bgr."),
+    preset: Optional[str] = opt.Preset,
+    size: Optional[int] = opt.Size,
+    resize: Optional[int] = opt.Resize,
+    mean: Optional[str] = opt.Mean,
+    std: Optional[str] = opt.Std,
+    scale: Optional[float] = opt.Scale,
+    channel_order: Optional[str] = opt.ChannelOrder,
     calib_size: int = typer.Option(2000, "--calib-size", help="Calibration samples drawn from --calib."),
     holdout: int = typer.Option(100, "--holdout", help="Samples of --calib set aside (not calibrated on) to measure the output difference."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write a JSON report here."),
     exclude: Optional[list[str]] = typer.Option(None, "--exclude", help="Leave this layer alone (name or glob; repeatable)."),
-    seed: int = typer.Option(0, "--seed", help="Seed for sampling images and positions."),
+    seed: int = opt.Seed,
     stages: int = typer.Option(0, "--calib-stages", help="Re-run the compressed model this many times for asymmetric inputs (0: auto)."),
     rows: int = typer.Option(8192, "--rows-per-layer", help="Sampled response rows per layer."),
     threads: int = typer.Option(0, "--threads", help="onnxruntime threads for calibration (0: all cores)."),
@@ -241,18 +238,18 @@ def _check_output_path(model_path: Path, output: Path) -> None:
 def evaluate_command(
     model_path: Path = typer.Argument(..., metavar="MODEL.onnx"),
     data: Path = typer.Option(..., "--data", help="Labelled images: <folder>/<class>/<image>."),
-    preset: Optional[str] = PresetOption,
-    size: Optional[int] = typer.Option(None, "--size"),
-    resize: Optional[int] = typer.Option(None, "--resize"),
-    mean: Optional[str] = typer.Option(None, "--mean"),
-    std: Optional[str] = typer.Option(None, "--std"),
-    scale: Optional[float] = typer.Option(None, "--scale"),
-    channel_order: Optional[str] = typer.Option(None, "--channel-order"),
-    labels: Optional[Path] = typer.Option(None, "--labels", help="Class names, one per line, in class-index order."),
-    label_offset: int = typer.Option(0, "--label-offset", help="Added to every label (1 for 1001-class TF models)."),
+    preset: Optional[str] = opt.Preset,
+    size: Optional[int] = opt.Size,
+    resize: Optional[int] = opt.Resize,
+    mean: Optional[str] = opt.Mean,
+    std: Optional[str] = opt.Std,
+    scale: Optional[float] = opt.Scale,
+    channel_order: Optional[str] = opt.ChannelOrder,
+    labels: Optional[Path] = opt.Labels,
+    label_offset: int = opt.LabelOffset,
     limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate a seeded random subset of N images."),
-    seed: int = typer.Option(0, "--seed"),
-    threads: int = typer.Option(0, "--threads"),
+    seed: int = opt.Seed,
+    threads: int = opt.Threads,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with top1, top5, n."),
 ) -> None:
     """Top-1/top-5 accuracy on a labelled image folder."""
