@@ -162,16 +162,27 @@ class DataSource:
             return DataSource(self.inputs, paths=[self.paths[i] for i in indices], prep=self.prep, description=self.description)
         return DataSource(self.inputs, arrays={k: v[indices] for k, v in self.arrays.items()}, description=self.description)
 
+    @property
+    def fixed_batch(self) -> int | None:
+        """The batch size the model's inputs fix (a static first dimension), if any."""
+        sizes = {spec.shape[0] for spec in self.inputs if spec.shape and isinstance(spec.shape[0], int) and spec.shape[0] > 0}
+        return sizes.pop() if len(sizes) == 1 else None
+
     def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        """Batches of ``batch_size`` samples; for a model with a fixed batch size, batches of
+        exactly that size, the last one filled up by repeating samples from the start."""
+        fixed = self.fixed_batch
+        batch_size = fixed or batch_size
         for start in range(0, len(self), batch_size):
-            stop = min(start + batch_size, len(self))
+            stop = start + batch_size if fixed else min(start + batch_size, len(self))
+            indices = np.arange(start, stop) % len(self)
             if self.paths is not None:
                 spec = self.inputs[0]
                 channels, size = image_geometry(spec, self.prep)
-                batch = np.stack([load_image(p, self.prep, channels, size) for p in self.paths[start:stop]])
+                batch = np.stack([load_image(self.paths[i], self.prep, channels, size) for i in indices])
                 yield {spec.name: batch}
             else:
-                yield {name: array[start:stop] for name, array in self.arrays.items()}
+                yield {name: array[indices] if fixed else array[start:stop] for name, array in self.arrays.items()}
 
 
 def image_geometry(spec: InputSpec, prep: Preprocess) -> tuple[int, tuple[int, int]]:

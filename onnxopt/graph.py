@@ -7,7 +7,7 @@ computes:
 * ``BatchNormalization`` after a Conv whose only consumer is the BN is folded into it:
   ``s = gamma / sqrt(var + eps)``, ``W <- W * s[:, None, None, None]``,
   ``b <- (b - mean) * s + beta``;
-* ``auto_pad`` on Conv is replaced by explicit ``pads`` (needs static spatial shapes).
+* ``auto_pad`` on Conv is replaced by explicit ``pads`` (needs static spatial shapes, or stride 1).
 
 Graph input/output names, the opset, the IR version and symbolic dimensions are kept.
 Editing goes through onnx-graphsurgeon (``gs.Graph``); :func:`export` turns a graph back into
@@ -97,9 +97,11 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
 
 
 def export(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
-    """Export ``graph`` keeping the template's IR version, opsets and metadata."""
+    """Export ``graph`` keeping the template's IR version, opsets and metadata; intermediate
+    shapes are inferred afresh (a rewrite may have left stale ones on the graph's tensors)."""
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     model = gs.export_onnx(graph, do_type_check=False)
+    del model.graph.value_info[:]      # shapes a rewrite made stale (pruned channels); inferred afresh
     model.ir_version = min(template.ir_version, MAX_IR_VERSION)
     del model.opset_import[:]
     model.opset_import.extend(template.opset_import)
@@ -109,7 +111,7 @@ def export(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     model.metadata_props.extend(template.metadata_props)
     if template.functions and not model.functions:
         model.functions.extend(template.functions)
-    return model
+    return infer_shapes(model)
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -177,21 +179,31 @@ def _fold_batchnorm(graph: gs.Graph) -> int:
     return folded
 
 
-def _explicit_pads(node: gs.Node, in_shape, weight_shape) -> list[int] | None:
-    """Explicit ``pads`` equivalent to SAME_UPPER / SAME_LOWER for static spatial shapes."""
+def explicit_pads(node: gs.Node, in_shape, weight_shape) -> list[int] | None:
+    """Explicit ``pads`` equivalent to the Conv's ``auto_pad`` for an input of ``in_shape``.
+
+    SAME: ``out = ceil(size / stride)``, total padding ``(out - 1) * stride + (k - 1) * dil + 1 - size``,
+    the odd one at the end (SAME_UPPER) or the beginning (SAME_LOWER). With stride 1 the total is
+    ``(k - 1) * dil`` whatever the size, so dynamic spatial dims are fine; otherwise None.
+    """
     mode = node.attrs.get("auto_pad", "NOTSET")
     spatial = len(weight_shape) - 2
     if mode in ("NOTSET", "VALID"):
         return list(node.attrs.get("pads", [0] * (2 * spatial))) if mode == "NOTSET" else [0] * (2 * spatial)
-    if in_shape is None or len(in_shape) != spatial + 2 or not all(isinstance(d, int) for d in in_shape[2:]):
+    if in_shape is None or len(in_shape) != spatial + 2:
         return None
     strides = node.attrs.get("strides", [1] * spatial)
     dilations = node.attrs.get("dilations", [1] * spatial)
     kernel = weight_shape[2:]
     begin, end = [], []
     for size, stride, dil, k in zip(in_shape[2:], strides, dilations, kernel):
-        out = -(-size // stride)
-        total = max(0, (out - 1) * stride + (k - 1) * dil + 1 - size)
+        if isinstance(size, (int, np.integer)):
+            out = -(-size // stride)
+            total = max(0, (out - 1) * stride + (k - 1) * dil + 1 - size)
+        elif stride == 1:
+            total = (k - 1) * dil
+        else:
+            return None
         small, large = total // 2, total - total // 2
         begin.append(small if mode == "SAME_UPPER" else large)
         end.append(large if mode == "SAME_UPPER" else small)
@@ -205,7 +217,7 @@ def _make_pads_explicit(graph: gs.Graph) -> int:
             continue
         if not isinstance(node.inputs[1], gs.Constant):
             continue
-        pads = _explicit_pads(node, node.inputs[0].shape, node.inputs[1].values.shape)
+        pads = explicit_pads(node, node.inputs[0].shape, node.inputs[1].values.shape)
         if pads is None:
             continue  # dynamic spatial dims: the layer table says why it is skipped
         node.attrs["pads"] = pads
@@ -222,7 +234,7 @@ def prepare(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
         "batchnorms_folded": _fold_batchnorm(graph),
         "auto_pads_made_explicit": _make_pads_explicit(graph),
     }
-    prepared = infer_shapes(export(graph, model))
+    prepared = export(graph, model)
     return prepared, summary
 
 

@@ -124,8 +124,9 @@ def _rows(node: gs.Node, x: np.ndarray, positions) -> np.ndarray:
     """Input rows of a consumer at ``positions``: patches (Conv) or flattened inputs (Gemm)."""
     if node.op == "Conv":
         kernel = node.inputs[1].values.shape[2:]
+        pads = graphs.explicit_pads(node, x.shape, node.inputs[1].values.shape)   # auto_pad left by prepare (dynamic dims)
         return extract_patches(x, positions, kernel, tuple(node.attrs.get("strides", [1, 1])),
-                               tuple(node.attrs.get("pads", [0, 0, 0, 0])), tuple(node.attrs.get("dilations", [1, 1])))
+                               tuple(pads), tuple(node.attrs.get("dilations", [1, 1])))
     return x.reshape(x.shape[0], -1)
 
 
