@@ -62,6 +62,19 @@ def _check_external_locations(model: onnx.ModelProto, folder: Path, path: Path) 
             raise UserError(f"{path}: external data file {location!r} is missing; keep it next to the model")
 
 
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16)
+
+
+def _check_finite_weights(model: onnx.ModelProto, path: Path) -> None:
+    """Refuse NaN/Inf in floating-point weights: calibration and verification would be meaningless."""
+    for tensor in _all_tensors(model.graph):
+        if tensor.data_type not in FLOAT_TYPES:
+            continue
+        values = onnx.numpy_helper.to_array(tensor)
+        if not np.isfinite(values).all():
+            raise UserError(f"{path}: weight {tensor.name!r} contains NaN or Inf; the model is broken, re-export or retrain it")
+
+
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     """Read and validate an ONNX file, with a one-line error for every way it can be wrong."""
     path = Path(path)
@@ -84,6 +97,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         onnx.load_external_data_for_model(model, str(path.parent))
     except Exception as exc:
         raise UserError(f"{path}: cannot read its external data ({type(exc).__name__}); check the .data file beside it") from None
+    _check_finite_weights(model, path)
     try:
         onnx.checker.check_model(model if model.ByteSize() < 2**31 - 2**26 else str(path))
     except Exception as exc:
