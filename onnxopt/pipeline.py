@@ -10,7 +10,9 @@
    the same positions give ``yhat``, the original weights' responses on current inputs: the
    asymmetric formulation, so errors do not accumulate. Moving the cut forward after each
    stage makes the whole walk cost about two model runs, not one per layer.
-5. Verify (``verify``) and return the model; the caller writes it atomically.
+5. Verify (``verify``) and return the model; the caller writes it atomically. If verification
+   fails (checker, onnxruntime, or NaN/Inf outputs), the layers whose rewrite causes it are
+   rolled back one by one (``_roll_back``) and reported as skipped.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from onnxopt.errors import UserError
 from onnxopt.latency import LayerTimer
 from onnxopt.layers import Layer, find_layers, model_macs
 from onnxopt.passes import allocation, lowrank
-from onnxopt.verify import Verification, verify
+from onnxopt.verify import Verification, VerificationError, verify
 
 Progress = Callable[[str, int, int], None]
 SHORTCUT = "/shortcut"
@@ -337,6 +339,7 @@ def compress(model: onnx.ModelProto, calib: DataSource | None, holdout: DataSour
     chosen = [layer for layer in candidates if ranks[layer.name] is not None]
 
     results: dict[str, LayerResult] = {}
+    facts: dict[str, lowrank.Factorization] = {}
     t0 = time.perf_counter()
     slices = _stage_slices(len(chosen), options.stages or len(chosen)) if chosen else []
     runner = CutRunner(samples, options.threads, options.memory_budget)
@@ -366,11 +369,18 @@ def compress(model: onnx.ModelProto, calib: DataSource | None, holdout: DataSour
                 error_after=_relative_error(fact.apply(yhat) + (0 if offset is None else offset), target, relu),
             )
             lowrank.rewrite(graph, layer, fact)
+            facts[layer.name] = fact
     timings["solve_and_rewrite"] = time.perf_counter() - t0
 
     compressed = graphs.export(graph, prepared)
     t0 = time.perf_counter()
-    verification = verify(model, compressed, holdout, options.threads)
+    check_data = holdout if holdout is not None and len(holdout) else calib
+    try:
+        verification = verify(model, compressed, check_data, options.threads)
+    except VerificationError:
+        compressed, verification = _roll_back(model, prepared, chosen, facts, check_data, options.threads, reasons)
+        for name in reasons:
+            results.pop(name, None)
     timings["verify"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start
 
@@ -390,6 +400,35 @@ def compress(model: onnx.ModelProto, calib: DataSource | None, holdout: DataSour
         calib_samples=len(calib), holdout_samples=len(holdout), rows_per_layer=options.rows_per_layer,
         stages=len(slices),
     )
+
+
+def _rewritten(prepared: onnx.ModelProto, names: list[str], facts: dict[str, lowrank.Factorization]) -> onnx.ModelProto:
+    """``prepared`` with the layers ``names`` replaced by their factorisations."""
+    graph = graphs.import_graph(prepared)
+    by_name = {layer.name: layer for layer in find_layers(graph)}
+    for name in names:
+        lowrank.rewrite(graph, by_name[name], facts[name])
+    return graphs.export(graph, prepared)
+
+
+def _roll_back(model: onnx.ModelProto, prepared: onnx.ModelProto, chosen: list[Layer], facts: dict[str, lowrank.Factorization],
+               data: DataSource, threads: int, reasons: dict[str, str]) -> tuple[onnx.ModelProto, Verification]:
+    """The compressed model failed verification (a pass bug): undo the rewrites that cause it.
+
+    Rewrites are applied again one layer at a time in topological order, verifying after each;
+    a layer whose rewrite makes the model fail keeps its original weights and gets the reason
+    in ``reasons`` (the report's ``skipped``). Costs one verification per chosen layer, only
+    when the whole model failed.
+    """
+    kept: list[str] = []
+    for layer in chosen:
+        try:
+            verify(model, _rewritten(prepared, [*kept, layer.name], facts), data, threads)
+            kept.append(layer.name)
+        except VerificationError as exc:
+            reasons[layer.name] = f"rolled back: {exc}"
+    compressed = _rewritten(prepared, kept, facts)
+    return compressed, verify(model, compressed, data, threads)
 
 
 def shape_text(layer: Layer) -> str:
