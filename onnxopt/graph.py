@@ -3,7 +3,10 @@
 Preparation (ALGORITHMS.md §0) makes a model ready for the passes without changing what it
 computes:
 
-* weights held in ``Constant`` nodes become initializers;
+* a model older than opset 11 is upgraded with onnx's version converter (or refused);
+* weights held in ``Constant`` nodes, or behind ``Identity`` / ``Cast`` / ``DequantizeLinear``
+  of constants, become initializers;
+* ``MatMul(A, W) + b`` with a 2-D ``A`` and constant ``W``, ``b`` becomes ``Gemm(A, W, b)``;
 * ``BatchNormalization`` after a Conv whose only consumer is the BN is folded into it:
   ``s = gamma / sqrt(var + eps)``, ``W <- W * s[:, None, None, None]``,
   ``b <- (b - mean) * s + beta``;
@@ -22,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.version_converter
 import onnx_graphsurgeon as gs
 
 from .errors import UserError
@@ -135,6 +139,21 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
 
 
+def _replace_with_constant(graph: gs.Graph, node: gs.Node, value: np.ndarray) -> bool:
+    """Make ``node``'s only output the constant ``value`` for all its consumers."""
+    out = node.outputs[0]
+    if out in graph.outputs:
+        return False
+    const = gs.Constant(out.name, np.ascontiguousarray(value))
+    for consumer in list(out.outputs):
+        for index, tensor in enumerate(consumer.inputs):
+            if tensor is out:
+                consumer.inputs[index] = const
+    node.outputs.clear()
+    node.inputs.clear()
+    return True
+
+
 def _lift_constant_nodes(graph: gs.Graph) -> int:
     """Turn ``Constant`` nodes holding a tensor into initializers (gs.Constant)."""
     lifted = 0
@@ -143,16 +162,7 @@ def _lift_constant_nodes(graph: gs.Graph) -> int:
             continue
         value = node.attrs["value"]
         values = value.values if isinstance(value, gs.Constant) else np.asarray(value)
-        out = node.outputs[0]
-        if out in graph.outputs:
-            continue
-        const = gs.Constant(out.name, np.array(values))
-        for consumer in list(out.outputs):
-            for index, tensor in enumerate(consumer.inputs):
-                if tensor is out:
-                    consumer.inputs[index] = const
-        node.outputs.clear()
-        lifted += 1
+        lifted += _replace_with_constant(graph, node, np.array(values))
     return lifted
 
 
@@ -240,15 +250,112 @@ def _make_pads_explicit(graph: gs.Graph) -> int:
     return changed
 
 
+def _dequantize(node: gs.Node) -> np.ndarray | None:
+    """``(x - zero_point) * scale`` per tensor or per ``axis`` (blocked quantization: None)."""
+    if node.attrs.get("block_size", 0):
+        return None
+    x = node.inputs[0].values.astype(np.float64)
+    scale = np.asarray(node.inputs[1].values)
+    zero = np.asarray(node.inputs[2].values, np.float64) if len(node.inputs) > 2 and node.inputs[2].name else 0.0
+    if scale.ndim == 1 and scale.size > 1:
+        shape = [1] * x.ndim
+        shape[int(node.attrs.get("axis", 1)) % x.ndim] = -1
+        scale = scale.reshape(shape)
+        zero = np.reshape(zero, shape) if np.ndim(zero) else zero
+    return ((x - zero) * scale).astype(scale.dtype)
+
+
+def _fold_weight_chains(graph: gs.Graph) -> int:
+    """Weights behind ``Identity``, ``Cast`` and ``DequantizeLinear`` of constants become
+    initializers (exporters emit these for tied, fp16-stored or int8-stored weights)."""
+    folded = 0
+    graph.toposort()
+    for node in list(graph.nodes):
+        if node.op not in ("Identity", "Cast", "DequantizeLinear") or len(node.outputs) != 1:
+            continue
+        inputs = [t for t in node.inputs if t.name]
+        if not inputs or not all(isinstance(t, gs.Constant) for t in inputs):
+            continue
+        if node.op == "Identity":
+            value = inputs[0].values
+        elif node.op == "Cast":
+            value = inputs[0].values.astype(onnx.helper.tensor_dtype_to_np_dtype(node.attrs["to"]))
+        else:
+            value = _dequantize(node)
+        if value is not None and _replace_with_constant(graph, node, value):
+            folded += 1
+    return folded
+
+
+def _matmul_add_to_gemm(graph: gs.Graph) -> int:
+    """``MatMul(A, W) [+ b]`` with a 2-D input, a constant 2-D ``W`` and a constant ``b`` of
+    ``N`` values becomes ``Gemm(A, W, b)``: the same ``A @ W + b``, and a layer the passes know."""
+    rewritten = 0
+    outputs = {t.name for t in graph.outputs}
+    for node in list(graph.nodes):
+        if node.op != "MatMul" or len(node.inputs) != 2 or not isinstance(node.inputs[1], gs.Constant):
+            continue
+        a, weight = node.inputs
+        if weight.values.ndim != 2 or a.shape is None or len(a.shape) != 2:
+            continue
+        out = node.outputs[0]
+        inputs, result = [a, weight], out
+        add = out.outputs[0] if len(out.outputs) == 1 and out.name not in outputs else None
+        if add is not None and add.op == "Add" and len(add.inputs) == 2:
+            bias = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
+            n = weight.values.shape[1]
+            if isinstance(bias, gs.Constant) and bias.values.size == n and bias.values.shape in ((n,), (1, n)):
+                inputs.append(gs.Constant(bias.name, bias.values.reshape(n)))
+                result = add.outputs[0]
+                add.outputs.clear()
+                add.inputs.clear()
+        node.op = "Gemm"
+        node.inputs.clear()
+        node.inputs.extend(inputs)
+        node.outputs.clear()
+        node.outputs.append(result)
+        rewritten += 1
+    return rewritten
+
+
+MIN_OPSET = 11
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), MIN_OPSET)
+
+
+def upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Models older than opset 11 are upgraded with onnx's version converter (or refused)."""
+    opset = opset_of(model)
+    if opset >= MIN_OPSET:
+        return model
+    try:
+        upgraded = onnx.version_converter.convert_version(model, MIN_OPSET)
+        onnx.checker.check_model(upgraded)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"the model uses opset {opset} and onnx's version converter cannot upgrade it to {MIN_OPSET} ({first}); "
+                        f"re-export it with opset {MIN_OPSET} or newer") from None
+    upgraded.ir_version = max(upgraded.ir_version, model.ir_version)
+    return upgraded
+
+
 def prepare(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
-    """Constant lifting, BN folding and explicit pads; returns the model and what changed."""
-    graph = import_graph(infer_shapes(model))
+    """Opset upgrade, constant lifting and folding, MatMul+Add to Gemm, BN folding and explicit
+    pads; returns the model and what changed."""
+    template = upgrade_opset(model)
+    graph = import_graph(infer_shapes(template))
     summary = {
         "constants_lifted": _lift_constant_nodes(graph),
+        "weight_chains_folded": _fold_weight_chains(graph),
+        "matmul_add_to_gemm": _matmul_add_to_gemm(graph),
         "batchnorms_folded": _fold_batchnorm(graph),
         "auto_pads_made_explicit": _make_pads_explicit(graph),
     }
-    prepared = export(graph, model)
+    if template is not model:
+        summary["opset_upgraded_from"] = opset_of(model)
+    prepared = export(graph, template)
     return prepared, summary
 
 

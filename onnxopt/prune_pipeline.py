@@ -328,15 +328,15 @@ def _exact_macs(graph: gs.Graph, layers: list[Layer], plans: list[GroupPlan], co
     groups = find_groups(graph)
     for plan, count in zip(plans, counts):
         group = group_of(groups, plan.name)
-        for member in group.producers + group.depthwise:
+        for member in group.producers:
             out_ratio[_node_name(member.node)] *= count / plan.channels
-        for member in group.consumers:
+        for member in group.consumers + group.depthwise:   # a depthwise conv after a Concat spans several groups
             in_removed[_node_name(member.node)] += (plan.channels - count) * member.block
     total = 0.0
     for layer in layers:
         macs = layer.macs or 0
         if layer.is_depthwise:
-            total += macs * out_ratio[layer.name]
+            total += macs * (layer.in_channels - in_removed[layer.name]) / max(layer.in_channels, 1)
         else:
             total += macs * out_ratio[layer.name] * (layer.in_channels - in_removed[layer.name]) / max(layer.in_channels, 1)
     return int(round(total))
