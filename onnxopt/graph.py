@@ -19,8 +19,10 @@ a ``ModelProto`` that keeps the input model's IR version and metadata.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,27 @@ from .errors import UserError
 
 # Newest IR version onnxruntime 1.31 loads; onnx 1.23 would otherwise write 14.
 MAX_IR_VERSION = 13
+# Protobuf cannot serialise 2 GiB: larger models are written with external data and handed to
+# the checker, shape inference and onnxruntime as files. The environment variable lowers the
+# threshold (tests force the file path on small models with it).
+EXTERNAL_DATA_LIMIT = int(os.environ.get("ONNXOPT_EXTERNAL_DATA_LIMIT", 2**31 - 2**26))
+
+
+def is_large(model: onnx.ModelProto) -> bool:
+    """Too large to serialise in memory (see ``EXTERNAL_DATA_LIMIT``)."""
+    return model.ByteSize() >= EXTERNAL_DATA_LIMIT
+
+
+@contextlib.contextmanager
+def staged_file(model: onnx.ModelProto) -> Iterator[Path]:
+    """``model`` written to a temporary folder, weights in one external data file; removed after."""
+    with tempfile.TemporaryDirectory(prefix="onnxopt-") as folder:
+        path = Path(folder) / "model.onnx"
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        onnx.save_model(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="model.onnx.data", size_threshold=1024)
+        yield path
 
 
 def _all_tensors(graph: onnx.GraphProto):
@@ -103,7 +126,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise UserError(f"{path}: cannot read its external data ({type(exc).__name__}); check the .data file beside it") from None
     _check_finite_weights(model, path)
     try:
-        onnx.checker.check_model(model if model.ByteSize() < 2**31 - 2**26 else str(path))
+        onnx.checker.check_model(str(path) if is_large(model) else model)
     except Exception as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{path} fails the ONNX checker: {first_line}") from None
@@ -133,8 +156,14 @@ def export(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Shapes of the intermediate tensors (the model unchanged if inference fails)."""
     try:
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+        if not is_large(model):
+            return onnx.shape_inference.infer_shapes(model, data_prop=True)
+        with staged_file(model) as path:
+            inferred = path.with_name("inferred.onnx")
+            onnx.shape_inference.infer_shapes_path(str(path), str(inferred), data_prop=True)
+            return onnx.load(str(inferred), load_external_data=True)
     except Exception:
         return model
 
@@ -359,8 +388,6 @@ def prepare(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
     return prepared, summary
 
 
-# Protobuf cannot serialise more than 2 GiB: larger models are written with external data.
-EXTERNAL_DATA_LIMIT = 2**31 - 2**26
 
 
 def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool = False,
@@ -380,7 +407,7 @@ def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike, external_
     scratch = Path(tempfile.mkdtemp(prefix="." + path.name + ".", dir=folder))
     try:
         staged = scratch / path.name
-        if external_data or model.ByteSize() > EXTERNAL_DATA_LIMIT:
+        if external_data or is_large(model):
             copy = onnx.ModelProto()
             copy.CopyFrom(model)
             onnx.save_model(copy, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnx
 
+from onnxopt import graph as graphs
 from onnxopt.calib.capture import make_session
 from onnxopt.calib.readers import DataSource
 from onnxopt.errors import UserError
@@ -48,7 +49,11 @@ def _first_line(exc: Exception) -> str:
 
 def check_structure(original: onnx.ModelProto, compressed: onnx.ModelProto) -> None:
     try:
-        onnx.checker.check_model(compressed, full_check=True)
+        if graphs.is_large(compressed):
+            with graphs.staged_file(compressed) as path:
+                onnx.checker.check_model(str(path), full_check=True)
+        else:
+            onnx.checker.check_model(compressed, full_check=True)
     except Exception as exc:
         raise VerificationError(f"the rewritten model fails the ONNX checker: {_first_line(exc)}") from exc
     originals = [i for i in original.graph.input if i.name not in {t.name for t in original.graph.initializer}]
