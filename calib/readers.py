@@ -162,6 +162,13 @@ class DataSource:
             return DataSource(self.inputs, paths=[self.paths[i] for i in indices], prep=self.prep, description=self.description)
         return DataSource(self.inputs, arrays={k: v[indices] for k, v in self.arrays.items()}, description=self.description)
 
+    def sample_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape of one sample of each input (what dynamic model dims take in calibration)."""
+        if self.paths is not None:
+            channels, size = image_geometry(self.inputs[0], self.prep)
+            return {self.inputs[0].name: (channels, *size)}
+        return {name: tuple(array.shape[1:]) for name, array in self.arrays.items()}
+
     @property
     def fixed_batch(self) -> int | None:
         """The batch size the model's inputs fix (a static first dimension), if any."""

@@ -370,9 +370,39 @@ def upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     return upgraded
 
 
-def prepare(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
+def _pin_dynamic_dims(model: onnx.ModelProto, sample_shapes: dict[str, tuple[int, ...]]) -> dict[str, list[int]]:
+    """Give the graph inputs' symbolic non-batch dims the calibration data's sizes (in place)."""
+    pinned = {}
+    for value in model.graph.input:
+        shape = sample_shapes.get(value.name)
+        dims = value.type.tensor_type.shape.dim
+        if shape is None or len(dims) != len(shape) + 1 or all(d.HasField("dim_value") for d in dims[1:]):
+            continue
+        for dim, size in zip(dims[1:], shape):
+            if not dim.HasField("dim_value"):
+                dim.dim_value = int(size)
+        pinned[value.name] = [int(d) for d in shape]
+    return pinned
+
+
+def restore_signature(compressed: onnx.ModelProto, original: onnx.ModelProto) -> onnx.ModelProto:
+    """``compressed`` with the original's graph input/output types (symbolic dims), shapes re-inferred."""
+    types = {v.name: v.type for v in (*original.graph.input, *original.graph.output)}
+    for value in (*compressed.graph.input, *compressed.graph.output):
+        if value.name in types:
+            value.type.CopyFrom(types[value.name])
+    del compressed.graph.value_info[:]
+    return infer_shapes(compressed)
+
+
+def prepare(model: onnx.ModelProto, sample_shapes: dict[str, tuple[int, ...]] | None = None) -> tuple[onnx.ModelProto, dict]:
     """Opset upgrade, constant lifting and folding, MatMul+Add to Gemm, BN folding and explicit
-    pads; returns the model and what changed."""
+    pads; returns the model and what changed.
+
+    With ``sample_shapes`` (per-sample shapes of the calibration data), symbolic spatial dims of
+    the inputs take the data's sizes in the prepared model, so layer shapes and MACs are known;
+    the rewritten model gets the original signature back with :func:`restore_signature`. Pads
+    are made explicit before that, so they never depend on the calibration size."""
     template = upgrade_opset(model)
     graph = import_graph(infer_shapes(template))
     summary = {
@@ -385,6 +415,11 @@ def prepare(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
     if template is not model:
         summary["opset_upgraded_from"] = opset_of(model)
     prepared = export(graph, template)
+    if sample_shapes:
+        pinned = _pin_dynamic_dims(prepared, sample_shapes)
+        if pinned:
+            summary["spatial_dims_from_data"] = pinned
+            prepared = infer_shapes(prepared)
     return prepared, summary
 
 

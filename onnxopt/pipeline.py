@@ -311,7 +311,7 @@ def compress(model: onnx.ModelProto, calib: DataSource | None, holdout: DataSour
         raise UserError(f"unknown --allocation {options.allocation!r}; choose one of: {', '.join(ALLOCATIONS)}")
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    prepared, preparation = graphs.prepare(model)
+    prepared, preparation = graphs.prepare(model, calib.sample_shapes())
     graph = graphs.import_graph(prepared)
     layers = find_layers(graph)
     candidates, reasons = plan_candidates(layers, options.exclude)
@@ -372,7 +372,7 @@ def compress(model: onnx.ModelProto, calib: DataSource | None, holdout: DataSour
             facts[layer.name] = fact
     timings["solve_and_rewrite"] = time.perf_counter() - t0
 
-    compressed = graphs.export(graph, prepared)
+    compressed = graphs.restore_signature(graphs.export(graph, prepared), model)
     t0 = time.perf_counter()
     check_data = holdout if holdout is not None and len(holdout) else calib
     try:
@@ -402,13 +402,14 @@ def compress(model: onnx.ModelProto, calib: DataSource | None, holdout: DataSour
     )
 
 
-def _rewritten(prepared: onnx.ModelProto, names: list[str], facts: dict[str, lowrank.Factorization]) -> onnx.ModelProto:
-    """``prepared`` with the layers ``names`` replaced by their factorisations."""
+def _rewritten(model: onnx.ModelProto, prepared: onnx.ModelProto, names: list[str],
+               facts: dict[str, lowrank.Factorization]) -> onnx.ModelProto:
+    """``prepared`` with the layers ``names`` replaced by their factorisations, ``model``'s signature."""
     graph = graphs.import_graph(prepared)
     by_name = {layer.name: layer for layer in find_layers(graph)}
     for name in names:
         lowrank.rewrite(graph, by_name[name], facts[name])
-    return graphs.export(graph, prepared)
+    return graphs.restore_signature(graphs.export(graph, prepared), model)
 
 
 def _roll_back(model: onnx.ModelProto, prepared: onnx.ModelProto, chosen: list[Layer], facts: dict[str, lowrank.Factorization],
@@ -423,11 +424,11 @@ def _roll_back(model: onnx.ModelProto, prepared: onnx.ModelProto, chosen: list[L
     kept: list[str] = []
     for layer in chosen:
         try:
-            verify(model, _rewritten(prepared, [*kept, layer.name], facts), data, threads)
+            verify(model, _rewritten(model, prepared, [*kept, layer.name], facts), data, threads)
             kept.append(layer.name)
         except VerificationError as exc:
             reasons[layer.name] = f"rolled back: {exc}"
-    compressed = _rewritten(prepared, kept, facts)
+    compressed = _rewritten(model, prepared, kept, facts)
     return compressed, verify(model, compressed, data, threads)
 
 

@@ -383,7 +383,7 @@ def compress_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Da
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    prepared, preparation = graphs.prepare(model)
+    prepared, preparation = graphs.prepare(model, calib.sample_shapes() if data else None)
     graph = graphs.import_graph(prepared)
     layer_list = find_layers(graph)
     layers = {layer.name: layer for layer in layer_list}
@@ -498,7 +498,7 @@ def compress_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Da
         kept_by_producer[plan.name] = (len(keep), plan.channels)
     timings["solve_and_rewrite"] = time.perf_counter() - t0
 
-    compressed = graphs.export(graph, prepared)
+    compressed = graphs.restore_signature(graphs.export(graph, prepared), model)
     t0 = time.perf_counter()
     if holdout is not None and len(holdout) > 0:
         verification = verify(model, compressed, holdout, options.threads)

@@ -141,3 +141,19 @@ def test_pruning_meets_the_mac_target_with_a_depthwise_conv_after_a_concat():
     model = fuzzgraphs.build(spec)
     result = _compress(model, speedup=2.0, method="prune", x=fuzzgraphs.calibration(spec)["x"])
     assert result.macs_after * 2 <= result.macs_before
+
+
+@pytest.mark.parametrize("method", ["lowrank", "prune"])
+def test_dynamic_spatial_dims_take_the_data_shape_and_stay_symbolic(method):
+    model = small_cnn()
+    for value in model.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        dims[2].dim_param, dims[3].dim_param = "H", "W"
+    prepared, _ = prepare(model)
+    assert all(layer.unsupported for layer in find_layers(import_graph(prepared)) if layer.op == "Conv")   # no sizes: no MACs
+    result = _compress(model, method=method)
+    assert result.preparation["spatial_dims_from_data"] == {"x": [3, 12, 12]}
+    assert any(row.skipped is None for row in result.layers if row.op == "Conv")
+    assert result.model.graph.input[0].type == model.graph.input[0].type          # N, 3, H, W kept symbolic
+    bigger = np.random.default_rng(4).standard_normal((2, 3, 20, 16)).astype(np.float32)
+    _assert_close_to(model, result, bigger, tolerance=0.5)
