@@ -157,3 +157,26 @@ def test_dynamic_spatial_dims_take_the_data_shape_and_stay_symbolic(method):
     assert result.model.graph.input[0].type == model.graph.input[0].type          # N, 3, H, W kept symbolic
     bigger = np.random.default_rng(4).standard_normal((2, 3, 20, 16)).astype(np.float32)
     _assert_close_to(model, result, bigger, tolerance=0.5)
+
+
+def test_nhwc_input_followed_by_a_transpose_takes_an_image_folder(tmp_path):
+    from PIL import Image
+
+    from onnxopt.calib.readers import make_preprocess, open_source
+
+    spec = {"seed": 1, "opset": 13, "channels": 3, "size": 10, "batch": "N", "dynamic_spatial": False, "nhwc": True,
+            "blocks": [{"type": "conv", "out": 12, "group": 1, "k": 3, "stride": 1, "dilation": 1, "pad": "same",
+                        "bias": True, "relu": True, "low_rank": False},
+                       {"type": "residual", "mid": 8, "bias": True, "low_rank": False}],
+            "head": "gemm", "classes": 5, "hidden": 0, "trans_a": False, "trans_b": True, "alpha": 1.0, "beta": 1.0, "samples": 8}
+    model = fuzzgraphs.build(spec)
+    rng = np.random.default_rng(0)
+    for index in range(30):
+        Image.fromarray(rng.integers(0, 256, (10, 10, 3), dtype=np.uint8)).save(tmp_path / f"{index}.png")
+    source = open_source(str(tmp_path), model_inputs(model), make_preprocess())
+    batch = next(source.batches(4))["x"]
+    assert batch.shape == (4, 10, 10, 3)
+    np.testing.assert_allclose(batch[0], np.asarray(Image.open(tmp_path / "0.png"), np.float32) / 255, atol=1e-6)
+    result = compress(model, source.subset(range(6, 30)), source.subset(range(6)), CompressOptions(speedup=1.3, rows_per_layer=512))
+    onnx.checker.check_model(result.model, full_check=True)
+    assert result.verification.samples == 6 and result.verification.relative_l2 < 0.5
