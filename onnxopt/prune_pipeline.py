@@ -529,7 +529,9 @@ def compress_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Da
             if layer.name in consumer_errors:
                 result.error_before, result.error_after = consumer_errors[layer.name]
         else:
-            result.skipped = reasons.get(layer.name, "kept: the budget is met without it")
+            grouped = layer.op == "Conv" and layer.group > 1 and not layer.is_depthwise   # frozen as a barrier, no group of its own
+            result.skipped = reasons.get(layer.name) or (f"grouped conv (group={layer.group}): channels cannot be pruned across groups"
+                                                         if grouped else "kept: the budget is met without it")
         table.append(result)
     return CompressionResult(
         model=compressed, layers=table, macs_before=macs_before, macs_after=sum(r.macs_after for r in table),

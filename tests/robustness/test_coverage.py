@@ -180,3 +180,19 @@ def test_nhwc_input_followed_by_a_transpose_takes_an_image_folder(tmp_path):
     result = compress(model, source.subset(range(6, 30)), source.subset(range(6)), CompressOptions(speedup=1.3, rows_per_layer=512))
     onnx.checker.check_model(result.model, full_check=True)
     assert result.verification.samples == 6 and result.verification.relative_l2 < 0.5
+
+
+@pytest.mark.parametrize("method", ["lowrank", "prune"])
+def test_grouped_conv_is_skipped_with_a_reason(method):
+    spec = {"seed": 2, "opset": 17, "channels": 4, "size": 8, "batch": "N", "dynamic_spatial": False, "nhwc": False,
+            "blocks": [{"type": "conv", "out": 16, "group": 1, "k": 3, "stride": 1, "dilation": 1, "pad": "same",
+                        "bias": True, "relu": True, "low_rank": False},
+                       {"type": "conv", "out": 16, "group": 2, "k": 3, "stride": 1, "dilation": 1, "pad": "same",
+                        "bias": True, "relu": True, "low_rank": False},
+                       {"type": "conv", "out": 16, "group": 1, "k": 3, "stride": 1, "dilation": 1, "pad": "same",
+                        "bias": True, "relu": True, "low_rank": False}],
+            "head": "gemm", "classes": 5, "hidden": 0, "trans_a": False, "trans_b": True, "alpha": 1.0, "beta": 1.0, "samples": 40}
+    model = fuzzgraphs.build(spec)
+    result = _compress(model, speedup=1.1, method=method, x=fuzzgraphs.calibration(spec)["x"])
+    grouped = next(row for row in result.layers if "g2" in row.shape)
+    assert "grouped" in grouped.skipped and grouped.macs_after == grouped.macs_before
