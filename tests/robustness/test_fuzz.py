@@ -95,3 +95,24 @@ def test_factorising_low_rank_weights_at_their_rank_is_exact(spec):
     event("exactness checked")
     scale = max(1.0, float(np.abs(expected).max()))
     assert np.abs(expected - got).max() <= 2e-3 * scale
+
+
+@settings(settings.get_profile(PROFILE), max_examples=max(4, EXAMPLES // 50))
+@given(spec=fuzzgraphs.model_specs(), method=st.sampled_from(METHODS))
+def test_command_line_on_random_models(tmp_path_factory, spec, method):
+    """The CLI end to end: exit 0 with a valid model, or exit 2 with one line and nothing written."""
+    folder = tmp_path_factory.mktemp("cli")
+    model = fuzzgraphs.build(spec)
+    onnx.save(model, folder / "in.onnx")
+    np.savez(folder / "calib.npz", **fuzzgraphs.calibration(spec))
+    out = folder / "out" / "o.onnx"
+    out.parent.mkdir()
+    result = subprocess.run([sys.executable, "-m", "onnxopt", "-q", "compress", folder / "in.onnx", "-o", out, "--method", method,
+                             "--speedup", "1.2", "--calib", folder / "calib.npz", "--rows-per-layer", "256", "--round-to", "1"],
+                            capture_output=True, text=True, timeout=600)
+    if result.returncode == 2:
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert list(out.parent.iterdir()) == []
+        return
+    assert result.returncode == 0, result.stderr
+    _check_output(model, onnx.load(out), spec)
