@@ -37,6 +37,17 @@ def test_old_opset_is_upgraded():
     _assert_close_to(model, result)
 
 
+def test_old_opset_that_cannot_be_upgraded_is_refused(monkeypatch):
+    from onnxopt.errors import UserError
+
+    def fail(model, version):
+        raise RuntimeError("No Adapter For Upsample\nmore detail")
+
+    monkeypatch.setattr(onnx.version_converter, "convert_version", fail)
+    with pytest.raises(UserError, match=r"opset 9 .* cannot upgrade it to 11 \(No Adapter For Upsample\); re-export it with opset 11"):
+        prepare(small_cnn(opset=9))
+
+
 def _replace_initializer(model, name, stored, op, **attrs):
     """Store initializer ``name`` as ``stored`` (a list of tensors) computed back by ``op``."""
     index = next(i for i, t in enumerate(model.graph.initializer) if t.name == name)
