@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 OUT    ?= out
 
-.PHONY: install test test-fast demo bench bench-quick models arm-check clean
+.PHONY: install test test-fast fuzz demo bench bench-quick models arm-check clean
 
 install: $(VENV)/.installed
 
@@ -20,6 +20,10 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -rs -m "not slow"
+
+# The fuzzer with many random examples (CI runs a derandomized 300); tests/robustness/test_fuzz.py.
+fuzz: install
+	HYPOTHESIS_PROFILE=fuzz nice -n 10 $(BIN)/python -m pytest -q -rs tests/robustness/test_fuzz.py --hypothesis-show-statistics
 
 # The main job on the bundled Fashion-MNIST model (works without ../shared).
 demo: install

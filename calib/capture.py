@@ -19,6 +19,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
+from onnxopt import graph as graphs
 from onnxopt.errors import UserError
 
 
@@ -30,7 +31,10 @@ def make_session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSessi
     # Idle onnxruntime workers otherwise spin-wait and starve numpy's BLAS between runs.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        if not graphs.is_large(model):
+            return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        with graphs.staged_file(model) as path:           # over 2 GiB: onnxruntime reads it from a file
+            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"onnxruntime cannot run the model: {message}") from None

@@ -3,7 +3,7 @@
 Preprocessing of an image, in order: decode (RGB, or L for a 1-channel model), resize the
 shorter side to ``resize`` (bilinear) and centre-crop ``size``, or, without ``resize``, resize
 straight to ``size`` when the image differs; then ``x * scale``, ``(x - mean) / std`` per
-channel, channel order, NCHW float32.
+channel, channel order, NCHW float32 (NHWC for a model whose input is laid out so).
 """
 
 from __future__ import annotations
@@ -162,23 +162,49 @@ class DataSource:
             return DataSource(self.inputs, paths=[self.paths[i] for i in indices], prep=self.prep, description=self.description)
         return DataSource(self.inputs, arrays={k: v[indices] for k, v in self.arrays.items()}, description=self.description)
 
+    def sample_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape of one sample of each input (what dynamic model dims take in calibration)."""
+        if self.paths is not None:
+            channels, size = image_geometry(self.inputs[0], self.prep)
+            return {self.inputs[0].name: (*size, channels) if is_nhwc(self.inputs[0]) else (channels, *size)}
+        return {name: tuple(array.shape[1:]) for name, array in self.arrays.items()}
+
+    @property
+    def fixed_batch(self) -> int | None:
+        """The batch size the model's inputs fix (a static first dimension), if any."""
+        sizes = {spec.shape[0] for spec in self.inputs if spec.shape and isinstance(spec.shape[0], int) and spec.shape[0] > 0}
+        return sizes.pop() if len(sizes) == 1 else None
+
     def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        """Batches of ``batch_size`` samples; for a model with a fixed batch size, batches of
+        exactly that size, the last one filled up by repeating samples from the start."""
+        fixed = self.fixed_batch
+        batch_size = fixed or batch_size
         for start in range(0, len(self), batch_size):
-            stop = min(start + batch_size, len(self))
+            stop = start + batch_size if fixed else min(start + batch_size, len(self))
+            indices = np.arange(start, stop) % len(self)
             if self.paths is not None:
                 spec = self.inputs[0]
                 channels, size = image_geometry(spec, self.prep)
-                batch = np.stack([load_image(p, self.prep, channels, size) for p in self.paths[start:stop]])
-                yield {spec.name: batch}
+                batch = np.stack([load_image(self.paths[i], self.prep, channels, size) for i in indices])
+                yield {spec.name: batch.transpose(0, 2, 3, 1) if is_nhwc(spec) else batch}
             else:
-                yield {name: array[start:stop] for name, array in self.arrays.items()}
+                yield {name: array[indices] if fixed else array[start:stop] for name, array in self.arrays.items()}
+
+
+def is_nhwc(spec: InputSpec) -> bool:
+    """An image input laid out (N, H, W, C) (TensorFlow exporters; a Transpose follows)."""
+    shape = spec.shape
+    return len(shape) == 4 and shape[3] in (1, 3) and shape[1] not in (1, 3)
 
 
 def image_geometry(spec: InputSpec, prep: Preprocess) -> tuple[int, tuple[int, int]]:
     """Channels and (H, W) an image must have for ``spec``; checks the preset against the model."""
     shape = spec.shape
     if len(shape) != 4:
-        raise UserError(f"input {spec.name!r} has shape {shape}; image data needs an NCHW input (use --calib data.npz instead)")
+        raise UserError(f"input {spec.name!r} has shape {shape}; image data needs an NCHW or NHWC input (use --calib data.npz instead)")
+    if is_nhwc(spec):
+        shape = [shape[0], shape[3], shape[1], shape[2]]
     channels = shape[1]
     if not isinstance(channels, int) or channels not in (1, 3):
         raise UserError(f"input {spec.name!r} has {channels} channels; images give 1 or 3 (use --calib data.npz instead)")

@@ -82,7 +82,7 @@ def analyze(
         refuse_overlap(source, held_out, eval_data)
     options = CompressOptions(speedup=2.0, exclude=list(exclude or []), seed=seed, rows_per_layer=rows, threads=threads,
                               sensitivity_grid=grid, cache_dir=None if no_cache else default_dir())
-    model_plan = plan(model, options.exclude)
+    model_plan = plan(model, options.exclude, calib_data.sample_shapes())
     bar, progress = cli._progress()
     if bar:
         with bar:

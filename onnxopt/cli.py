@@ -339,8 +339,12 @@ def main() -> None:
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        console.print("interrupted; nothing was written", highlight=False)
+        console.print("interrupted; nothing written", highlight=False)
         sys.exit(130)
+    except SystemExit as exc:
+        if exc.code == 130:             # typer turns KeyboardInterrupt into a silent exit 130
+            console.print("interrupted; nothing written", highlight=False)
+        raise
     except Exception as exc:
         if _state["debug"]:
             raise

@@ -3,11 +3,14 @@
 Preparation (ALGORITHMS.md §0) makes a model ready for the passes without changing what it
 computes:
 
-* weights held in ``Constant`` nodes become initializers;
+* a model older than opset 11 is upgraded with onnx's version converter (or refused);
+* weights held in ``Constant`` nodes, or behind ``Identity`` / ``Cast`` / ``DequantizeLinear``
+  of constants, become initializers;
+* ``MatMul(A, W) + b`` with a 2-D ``A`` and constant ``W``, ``b`` becomes ``Gemm(A, W, b)``;
 * ``BatchNormalization`` after a Conv whose only consumer is the BN is folded into it:
   ``s = gamma / sqrt(var + eps)``, ``W <- W * s[:, None, None, None]``,
   ``b <- (b - mean) * s + beta``;
-* ``auto_pad`` on Conv is replaced by explicit ``pads`` (needs static spatial shapes).
+* ``auto_pad`` on Conv is replaced by explicit ``pads`` (needs static spatial shapes, or stride 1).
 
 Graph input/output names, the opset, the IR version and symbolic dimensions are kept.
 Editing goes through onnx-graphsurgeon (``gs.Graph``); :func:`export` turns a graph back into
@@ -16,18 +19,42 @@ a ``ModelProto`` that keeps the input model's IR version and metadata.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.version_converter
 import onnx_graphsurgeon as gs
 
 from .errors import UserError
 
 # Newest IR version onnxruntime 1.31 loads; onnx 1.23 would otherwise write 14.
 MAX_IR_VERSION = 13
+# Protobuf cannot serialise 2 GiB: larger models are written with external data and handed to
+# the checker, shape inference and onnxruntime as files. The environment variable lowers the
+# threshold (tests force the file path on small models with it).
+EXTERNAL_DATA_LIMIT = int(os.environ.get("ONNXOPT_EXTERNAL_DATA_LIMIT", 2**31 - 2**26))
+
+
+def is_large(model: onnx.ModelProto) -> bool:
+    """Too large to serialise in memory (see ``EXTERNAL_DATA_LIMIT``)."""
+    return model.ByteSize() >= EXTERNAL_DATA_LIMIT
+
+
+@contextlib.contextmanager
+def staged_file(model: onnx.ModelProto) -> Iterator[Path]:
+    """``model`` written to a temporary folder, weights in one external data file; removed after."""
+    with tempfile.TemporaryDirectory(prefix="onnxopt-") as folder:
+        path = Path(folder) / "model.onnx"
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        onnx.save_model(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="model.onnx.data", size_threshold=1024)
+        yield path
 
 
 def _all_tensors(graph: onnx.GraphProto):
@@ -62,6 +89,19 @@ def _check_external_locations(model: onnx.ModelProto, folder: Path, path: Path) 
             raise UserError(f"{path}: external data file {location!r} is missing; keep it next to the model")
 
 
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16)
+
+
+def _check_finite_weights(model: onnx.ModelProto, path: Path) -> None:
+    """Refuse NaN/Inf in floating-point weights: calibration and verification would be meaningless."""
+    for tensor in _all_tensors(model.graph):
+        if tensor.data_type not in FLOAT_TYPES:
+            continue
+        values = onnx.numpy_helper.to_array(tensor)
+        if not np.isfinite(values).all():
+            raise UserError(f"{path}: weight {tensor.name!r} contains NaN or Inf; the model is broken, re-export or retrain it")
+
+
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     """Read and validate an ONNX file, with a one-line error for every way it can be wrong."""
     path = Path(path)
@@ -84,8 +124,9 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         onnx.load_external_data_for_model(model, str(path.parent))
     except Exception as exc:
         raise UserError(f"{path}: cannot read its external data ({type(exc).__name__}); check the .data file beside it") from None
+    _check_finite_weights(model, path)
     try:
-        onnx.checker.check_model(model if model.ByteSize() < 2**31 - 2**26 else str(path))
+        onnx.checker.check_model(str(path) if is_large(model) else model)
     except Exception as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{path} fails the ONNX checker: {first_line}") from None
@@ -97,9 +138,11 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
 
 
 def export(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
-    """Export ``graph`` keeping the template's IR version, opsets and metadata."""
+    """Export ``graph`` keeping the template's IR version, opsets and metadata; intermediate
+    shapes are inferred afresh (a rewrite may have left stale ones on the graph's tensors)."""
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     model = gs.export_onnx(graph, do_type_check=False)
+    del model.graph.value_info[:]      # shapes a rewrite made stale (pruned channels); inferred afresh
     model.ir_version = min(template.ir_version, MAX_IR_VERSION)
     del model.opset_import[:]
     model.opset_import.extend(template.opset_import)
@@ -109,14 +152,35 @@ def export(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     model.metadata_props.extend(template.metadata_props)
     if template.functions and not model.functions:
         model.functions.extend(template.functions)
-    return model
+    return infer_shapes(model)
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Shapes of the intermediate tensors (the model unchanged if inference fails)."""
     try:
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+        if not is_large(model):
+            return onnx.shape_inference.infer_shapes(model, data_prop=True)
+        with staged_file(model) as path:
+            inferred = path.with_name("inferred.onnx")
+            onnx.shape_inference.infer_shapes_path(str(path), str(inferred), data_prop=True)
+            return onnx.load(str(inferred), load_external_data=True)
     except Exception:
         return model
+
+
+def _replace_with_constant(graph: gs.Graph, node: gs.Node, value: np.ndarray) -> bool:
+    """Make ``node``'s only output the constant ``value`` for all its consumers."""
+    out = node.outputs[0]
+    if out in graph.outputs:
+        return False
+    const = gs.Constant(out.name, np.ascontiguousarray(value))
+    for consumer in list(out.outputs):
+        for index, tensor in enumerate(consumer.inputs):
+            if tensor is out:
+                consumer.inputs[index] = const
+    node.outputs.clear()
+    node.inputs.clear()
+    return True
 
 
 def _lift_constant_nodes(graph: gs.Graph) -> int:
@@ -127,16 +191,7 @@ def _lift_constant_nodes(graph: gs.Graph) -> int:
             continue
         value = node.attrs["value"]
         values = value.values if isinstance(value, gs.Constant) else np.asarray(value)
-        out = node.outputs[0]
-        if out in graph.outputs:
-            continue
-        const = gs.Constant(out.name, np.array(values))
-        for consumer in list(out.outputs):
-            for index, tensor in enumerate(consumer.inputs):
-                if tensor is out:
-                    consumer.inputs[index] = const
-        node.outputs.clear()
-        lifted += 1
+        lifted += _replace_with_constant(graph, node, np.array(values))
     return lifted
 
 
@@ -177,21 +232,31 @@ def _fold_batchnorm(graph: gs.Graph) -> int:
     return folded
 
 
-def _explicit_pads(node: gs.Node, in_shape, weight_shape) -> list[int] | None:
-    """Explicit ``pads`` equivalent to SAME_UPPER / SAME_LOWER for static spatial shapes."""
+def explicit_pads(node: gs.Node, in_shape, weight_shape) -> list[int] | None:
+    """Explicit ``pads`` equivalent to the Conv's ``auto_pad`` for an input of ``in_shape``.
+
+    SAME: ``out = ceil(size / stride)``, total padding ``(out - 1) * stride + (k - 1) * dil + 1 - size``,
+    the odd one at the end (SAME_UPPER) or the beginning (SAME_LOWER). With stride 1 the total is
+    ``(k - 1) * dil`` whatever the size, so dynamic spatial dims are fine; otherwise None.
+    """
     mode = node.attrs.get("auto_pad", "NOTSET")
     spatial = len(weight_shape) - 2
     if mode in ("NOTSET", "VALID"):
         return list(node.attrs.get("pads", [0] * (2 * spatial))) if mode == "NOTSET" else [0] * (2 * spatial)
-    if in_shape is None or len(in_shape) != spatial + 2 or not all(isinstance(d, int) for d in in_shape[2:]):
+    if in_shape is None or len(in_shape) != spatial + 2:
         return None
     strides = node.attrs.get("strides", [1] * spatial)
     dilations = node.attrs.get("dilations", [1] * spatial)
     kernel = weight_shape[2:]
     begin, end = [], []
     for size, stride, dil, k in zip(in_shape[2:], strides, dilations, kernel):
-        out = -(-size // stride)
-        total = max(0, (out - 1) * stride + (k - 1) * dil + 1 - size)
+        if isinstance(size, (int, np.integer)):
+            out = -(-size // stride)
+            total = max(0, (out - 1) * stride + (k - 1) * dil + 1 - size)
+        elif stride == 1:
+            total = (k - 1) * dil
+        else:
+            return None
         small, large = total // 2, total - total // 2
         begin.append(small if mode == "SAME_UPPER" else large)
         end.append(large if mode == "SAME_UPPER" else small)
@@ -205,7 +270,7 @@ def _make_pads_explicit(graph: gs.Graph) -> int:
             continue
         if not isinstance(node.inputs[1], gs.Constant):
             continue
-        pads = _explicit_pads(node, node.inputs[0].shape, node.inputs[1].values.shape)
+        pads = explicit_pads(node, node.inputs[0].shape, node.inputs[1].values.shape)
         if pads is None:
             continue  # dynamic spatial dims: the layer table says why it is skipped
         node.attrs["pads"] = pads
@@ -214,20 +279,150 @@ def _make_pads_explicit(graph: gs.Graph) -> int:
     return changed
 
 
-def prepare(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
-    """Constant lifting, BN folding and explicit pads; returns the model and what changed."""
-    graph = import_graph(infer_shapes(model))
+def _dequantize(node: gs.Node) -> np.ndarray | None:
+    """``(x - zero_point) * scale`` per tensor or per ``axis`` (blocked quantization: None)."""
+    if node.attrs.get("block_size", 0):
+        return None
+    x = node.inputs[0].values.astype(np.float64)
+    scale = np.asarray(node.inputs[1].values)
+    zero = np.asarray(node.inputs[2].values, np.float64) if len(node.inputs) > 2 and node.inputs[2].name else 0.0
+    if scale.ndim == 1 and scale.size > 1:
+        shape = [1] * x.ndim
+        shape[int(node.attrs.get("axis", 1)) % x.ndim] = -1
+        scale = scale.reshape(shape)
+        zero = np.reshape(zero, shape) if np.ndim(zero) else zero
+    return ((x - zero) * scale).astype(scale.dtype)
+
+
+def _fold_weight_chains(graph: gs.Graph) -> int:
+    """Weights behind ``Identity``, ``Cast`` and ``DequantizeLinear`` of constants become
+    initializers (exporters emit these for tied, fp16-stored or int8-stored weights)."""
+    folded = 0
+    graph.toposort()
+    for node in list(graph.nodes):
+        if node.op not in ("Identity", "Cast", "DequantizeLinear") or len(node.outputs) != 1:
+            continue
+        inputs = [t for t in node.inputs if t.name]
+        if not inputs or not all(isinstance(t, gs.Constant) for t in inputs):
+            continue
+        if node.op == "Identity":
+            value = inputs[0].values
+        elif node.op == "Cast":
+            value = inputs[0].values.astype(onnx.helper.tensor_dtype_to_np_dtype(node.attrs["to"]))
+        else:
+            value = _dequantize(node)
+        if value is not None and _replace_with_constant(graph, node, value):
+            folded += 1
+    return folded
+
+
+def _matmul_add_to_gemm(graph: gs.Graph) -> int:
+    """``MatMul(A, W) [+ b]`` with a 2-D input, a constant 2-D ``W`` and a constant ``b`` of
+    ``N`` values becomes ``Gemm(A, W, b)``: the same ``A @ W + b``, and a layer the passes know."""
+    rewritten = 0
+    outputs = {t.name for t in graph.outputs}
+    for node in list(graph.nodes):
+        if node.op != "MatMul" or len(node.inputs) != 2 or not isinstance(node.inputs[1], gs.Constant):
+            continue
+        a, weight = node.inputs
+        if weight.values.ndim != 2 or a.shape is None or len(a.shape) != 2:
+            continue
+        out = node.outputs[0]
+        inputs, result = [a, weight], out
+        add = out.outputs[0] if len(out.outputs) == 1 and out.name not in outputs else None
+        if add is not None and add.op == "Add" and len(add.inputs) == 2:
+            bias = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
+            n = weight.values.shape[1]
+            if isinstance(bias, gs.Constant) and bias.values.size == n and bias.values.shape in ((n,), (1, n)):
+                inputs.append(gs.Constant(bias.name, bias.values.reshape(n)))
+                result = add.outputs[0]
+                add.outputs.clear()
+                add.inputs.clear()
+        node.op = "Gemm"
+        node.inputs.clear()
+        node.inputs.extend(inputs)
+        node.outputs.clear()
+        node.outputs.append(result)
+        rewritten += 1
+    return rewritten
+
+
+MIN_OPSET = 11
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), MIN_OPSET)
+
+
+def upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Models older than opset 11 are upgraded with onnx's version converter (or refused)."""
+    opset = opset_of(model)
+    if opset >= MIN_OPSET:
+        return model
+    try:
+        upgraded = onnx.version_converter.convert_version(model, MIN_OPSET)
+        onnx.checker.check_model(upgraded)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"the model uses opset {opset} and onnx's version converter cannot upgrade it to {MIN_OPSET} ({first}); "
+                        f"re-export it with opset {MIN_OPSET} or newer") from None
+    upgraded.ir_version = max(upgraded.ir_version, model.ir_version)
+    return upgraded
+
+
+def _pin_dynamic_dims(model: onnx.ModelProto, sample_shapes: dict[str, tuple[int, ...]]) -> dict[str, list[int]]:
+    """Give the graph inputs' symbolic non-batch dims the calibration data's sizes (in place)."""
+    pinned = {}
+    for value in model.graph.input:
+        shape = sample_shapes.get(value.name)
+        dims = value.type.tensor_type.shape.dim
+        if shape is None or len(dims) != len(shape) + 1 or all(d.HasField("dim_value") for d in dims[1:]):
+            continue
+        for dim, size in zip(dims[1:], shape):
+            if not dim.HasField("dim_value"):
+                dim.dim_value = int(size)
+        pinned[value.name] = [int(d) for d in shape]
+    return pinned
+
+
+def restore_signature(compressed: onnx.ModelProto, original: onnx.ModelProto) -> onnx.ModelProto:
+    """``compressed`` with the original's graph input/output types (symbolic dims), shapes re-inferred."""
+    types = {v.name: v.type for v in (*original.graph.input, *original.graph.output)}
+    for value in (*compressed.graph.input, *compressed.graph.output):
+        if value.name in types:
+            value.type.CopyFrom(types[value.name])
+    del compressed.graph.value_info[:]
+    return infer_shapes(compressed)
+
+
+def prepare(model: onnx.ModelProto, sample_shapes: dict[str, tuple[int, ...]] | None = None) -> tuple[onnx.ModelProto, dict]:
+    """Opset upgrade, constant lifting and folding, MatMul+Add to Gemm, BN folding and explicit
+    pads; returns the model and what changed.
+
+    With ``sample_shapes`` (per-sample shapes of the calibration data), symbolic spatial dims of
+    the inputs take the data's sizes in the prepared model, so layer shapes and MACs are known;
+    the rewritten model gets the original signature back with :func:`restore_signature`. Pads
+    are made explicit before that, so they never depend on the calibration size."""
+    template = upgrade_opset(model)
+    graph = import_graph(infer_shapes(template))
     summary = {
         "constants_lifted": _lift_constant_nodes(graph),
+        "weight_chains_folded": _fold_weight_chains(graph),
+        "matmul_add_to_gemm": _matmul_add_to_gemm(graph),
         "batchnorms_folded": _fold_batchnorm(graph),
         "auto_pads_made_explicit": _make_pads_explicit(graph),
     }
-    prepared = infer_shapes(export(graph, model))
+    if template is not model:
+        summary["opset_upgraded_from"] = opset_of(model)
+    prepared = export(graph, template)
+    if sample_shapes:
+        pinned = _pin_dynamic_dims(prepared, sample_shapes)
+        if pinned:
+            summary["spatial_dims_from_data"] = pinned
+            prepared = infer_shapes(prepared)
     return prepared, summary
 
 
-# Protobuf cannot serialise more than 2 GiB: larger models are written with external data.
-EXTERNAL_DATA_LIMIT = 2**31 - 2**26
 
 
 def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool = False,
@@ -247,7 +442,7 @@ def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike, external_
     scratch = Path(tempfile.mkdtemp(prefix="." + path.name + ".", dir=folder))
     try:
         staged = scratch / path.name
-        if external_data or model.ByteSize() > EXTERNAL_DATA_LIMIT:
+        if external_data or is_large(model):
             copy = onnx.ModelProto()
             copy.CopyFrom(model)
             onnx.save_model(copy, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,

@@ -10,7 +10,9 @@
    the same positions give ``yhat``, the original weights' responses on current inputs: the
    asymmetric formulation, so errors do not accumulate. Moving the cut forward after each
    stage makes the whole walk cost about two model runs, not one per layer.
-5. Verify (``verify``) and return the model; the caller writes it atomically.
+5. Verify (``verify``) and return the model; the caller writes it atomically. If verification
+   fails (checker, onnxruntime, or NaN/Inf outputs), the layers whose rewrite causes it are
+   rolled back one by one (``_roll_back``) and reported as skipped.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from onnxopt.latency import LayerTimer
 from onnxopt.layers import Layer, find_layers, model_macs, shape_text
 from onnxopt.passes import allocation, lowrank, vbmf
 from onnxopt.sensitivity import Analysis, analyze, measured_options
-from onnxopt.verify import Verification, verify
+from onnxopt.verify import Verification, VerificationError, verify
 
 Progress = Callable[[str, int, int], None]
 SHORTCUT = "/shortcut"
@@ -328,9 +330,10 @@ class Plan:
     reasons: dict[str, str]       # why each other layer is left alone
 
 
-def plan(model: onnx.ModelProto, exclude: list[str]) -> Plan:
-    """Step 1: prepare the graph (``graph.prepare``) and pick the candidate layers."""
-    prepared, preparation = graphs.prepare(model)
+def plan(model: onnx.ModelProto, exclude: list[str], sample_shapes: dict | None = None) -> Plan:
+    """Step 1: prepare the graph (``graph.prepare``; ``sample_shapes``: the calibration data's
+    input shapes, for dynamic spatial dims) and pick the candidate layers."""
+    prepared, preparation = graphs.prepare(model, sample_shapes)
     graph = graphs.import_graph(prepared)
     layers = find_layers(graph)
     candidates, reasons = plan_candidates(layers, exclude)
@@ -411,7 +414,7 @@ def compress(model: onnx.ModelProto, calib: DataSource | None, holdout: DataSour
         raise UserError(f"unknown --allocation {options.allocation!r}; choose one of: {', '.join(ALLOCATIONS)}")
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    model_plan = plan(model, options.exclude)
+    model_plan = plan(model, options.exclude, calib.sample_shapes())
     prepared, graph, layers, candidates, reasons = (model_plan.prepared, model_plan.graph, model_plan.layers,
                                                     model_plan.candidates, model_plan.reasons)
     timings["prepare"] = time.perf_counter() - start
@@ -434,6 +437,7 @@ def compress(model: onnx.ModelProto, calib: DataSource | None, holdout: DataSour
     chosen = [layer for layer in candidates if ranks[layer.name] is not None]
 
     results: dict[str, LayerResult] = {}
+    facts: dict[str, lowrank.Factorization] = {}
     t0 = time.perf_counter()
     slices = _stage_slices(len(chosen), options.stages or len(chosen)) if chosen else []
     runner = CutRunner(samples, options.threads, options.memory_budget)
@@ -463,11 +467,18 @@ def compress(model: onnx.ModelProto, calib: DataSource | None, holdout: DataSour
                 error_after=_relative_error(fact.apply(yhat) + (0 if offset is None else offset), target, relu),
             )
             lowrank.rewrite(graph, layer, fact)
+            facts[layer.name] = fact
     timings["solve_and_rewrite"] = time.perf_counter() - t0
 
-    compressed = graphs.export(graph, prepared)
+    compressed = graphs.restore_signature(graphs.export(graph, prepared), model)
     t0 = time.perf_counter()
-    verification = verify(model, compressed, holdout, options.threads)
+    check_data = holdout if holdout is not None and len(holdout) else calib
+    try:
+        verification = verify(model, compressed, check_data, options.threads)
+    except VerificationError:
+        compressed, verification = _roll_back(model, prepared, chosen, facts, check_data, options.threads, reasons)
+        for name in reasons:
+            results.pop(name, None)
     timings["verify"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start
 
@@ -487,4 +498,34 @@ def compress(model: onnx.ModelProto, calib: DataSource | None, holdout: DataSour
         calib_samples=len(calib), holdout_samples=len(holdout), rows_per_layer=options.rows_per_layer,
         stages=len(slices),
     )
+
+
+def _rewritten(model: onnx.ModelProto, prepared: onnx.ModelProto, names: list[str],
+               facts: dict[str, lowrank.Factorization]) -> onnx.ModelProto:
+    """``prepared`` with the layers ``names`` replaced by their factorisations, ``model``'s signature."""
+    graph = graphs.import_graph(prepared)
+    by_name = {layer.name: layer for layer in find_layers(graph)}
+    for name in names:
+        lowrank.rewrite(graph, by_name[name], facts[name])
+    return graphs.restore_signature(graphs.export(graph, prepared), model)
+
+
+def _roll_back(model: onnx.ModelProto, prepared: onnx.ModelProto, chosen: list[Layer], facts: dict[str, lowrank.Factorization],
+               data: DataSource, threads: int, reasons: dict[str, str]) -> tuple[onnx.ModelProto, Verification]:
+    """The compressed model failed verification (a pass bug): undo the rewrites that cause it.
+
+    Rewrites are applied again one layer at a time in topological order, verifying after each;
+    a layer whose rewrite makes the model fail keeps its original weights and gets the reason
+    in ``reasons`` (the report's ``skipped``). Costs one verification per chosen layer, only
+    when the whole model failed.
+    """
+    kept: list[str] = []
+    for layer in chosen:
+        try:
+            verify(model, _rewritten(model, prepared, [*kept, layer.name], facts), data, threads)
+            kept.append(layer.name)
+        except VerificationError as exc:
+            reasons[layer.name] = f"rolled back: {exc}"
+    compressed = _rewritten(model, prepared, kept, facts)
+    return compressed, verify(model, compressed, data, threads)
 

@@ -124,8 +124,9 @@ def _rows(node: gs.Node, x: np.ndarray, positions) -> np.ndarray:
     """Input rows of a consumer at ``positions``: patches (Conv) or flattened inputs (Gemm)."""
     if node.op == "Conv":
         kernel = node.inputs[1].values.shape[2:]
+        pads = graphs.explicit_pads(node, x.shape, node.inputs[1].values.shape)   # auto_pad left by prepare (dynamic dims)
         return extract_patches(x, positions, kernel, tuple(node.attrs.get("strides", [1, 1])),
-                               tuple(node.attrs.get("pads", [0, 0, 0, 0])), tuple(node.attrs.get("dilations", [1, 1])))
+                               tuple(pads), tuple(node.attrs.get("dilations", [1, 1])))
     return x.reshape(x.shape[0], -1)
 
 
@@ -327,15 +328,15 @@ def _exact_macs(graph: gs.Graph, layers: list[Layer], plans: list[GroupPlan], co
     groups = find_groups(graph)
     for plan, count in zip(plans, counts):
         group = group_of(groups, plan.name)
-        for member in group.producers + group.depthwise:
+        for member in group.producers:
             out_ratio[_node_name(member.node)] *= count / plan.channels
-        for member in group.consumers:
+        for member in group.consumers + group.depthwise:   # a depthwise conv after a Concat spans several groups
             in_removed[_node_name(member.node)] += (plan.channels - count) * member.block
     total = 0.0
     for layer in layers:
         macs = layer.macs or 0
         if layer.is_depthwise:
-            total += macs * out_ratio[layer.name]
+            total += macs * (layer.in_channels - in_removed[layer.name]) / max(layer.in_channels, 1)
         else:
             total += macs * out_ratio[layer.name] * (layer.in_channels - in_removed[layer.name]) / max(layer.in_channels, 1)
     return int(round(total))
@@ -382,7 +383,7 @@ def compress_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Da
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    prepared, preparation = graphs.prepare(model)
+    prepared, preparation = graphs.prepare(model, calib.sample_shapes() if data else None)
     graph = graphs.import_graph(prepared)
     layer_list = find_layers(graph)
     layers = {layer.name: layer for layer in layer_list}
@@ -497,7 +498,7 @@ def compress_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Da
         kept_by_producer[plan.name] = (len(keep), plan.channels)
     timings["solve_and_rewrite"] = time.perf_counter() - t0
 
-    compressed = graphs.export(graph, prepared)
+    compressed = graphs.restore_signature(graphs.export(graph, prepared), model)
     t0 = time.perf_counter()
     if holdout is not None and len(holdout) > 0:
         verification = verify(model, compressed, holdout, options.threads)
@@ -528,7 +529,9 @@ def compress_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Da
             if layer.name in consumer_errors:
                 result.error_before, result.error_after = consumer_errors[layer.name]
         else:
-            result.skipped = reasons.get(layer.name, "kept: the budget is met without it")
+            grouped = layer.op == "Conv" and layer.group > 1 and not layer.is_depthwise   # frozen as a barrier, no group of its own
+            result.skipped = reasons.get(layer.name) or (f"grouped conv (group={layer.group}): channels cannot be pruned across groups"
+                                                         if grouped else "kept: the budget is met without it")
         table.append(result)
     return CompressionResult(
         model=compressed, layers=table, macs_before=macs_before, macs_after=sum(r.macs_after for r in table),

@@ -203,7 +203,7 @@ def compress_tucker2(model: onnx.ModelProto, calib: DataSource | None, holdout: 
         raise UserError(f"--stages must be at least 1 (got {options.compression_stages})")
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    prepared, preparation = graphs.prepare(model)
+    prepared, preparation = graphs.prepare(model, calib.sample_shapes())
     graph = graphs.import_graph(prepared)
     layers = find_layers(graph)
     reasons: dict[str, str] = {}
@@ -262,7 +262,7 @@ def compress_tucker2(model: onnx.ModelProto, calib: DataSource | None, holdout: 
                 _refit(state, rows, targets)
         timings[f"stage{stage}_refit"] = time.perf_counter() - t0
 
-    compressed = graphs.export(graph, prepared)
+    compressed = graphs.restore_signature(graphs.export(graph, prepared), model)
     t0 = time.perf_counter()
     verification = verify(model, compressed, holdout, options.threads)
     timings["verify"] = time.perf_counter() - t0

@@ -1,9 +1,13 @@
 """Checking a rewritten model before it is written.
 
-The output must pass the full ONNX checker (with shape inference), load in onnxruntime, keep
-the original's graph input/output names, element types and ranks, and its outputs on
-held-out inputs are compared with the original's: max absolute difference, relative L2
-error and, for (N, classes) outputs, top-1 agreement.
+The output must pass the full ONNX checker (with shape inference), load and run in
+onnxruntime, keep the original's graph input/output names, element types and ranks, and give
+finite outputs wherever the original's are finite; otherwise :class:`VerificationError`. Its
+outputs on held-out inputs are compared with the original's: max absolute difference, relative
+L2 error and, for (N, classes) outputs, top-1 agreement.
+
+A model of 2 GiB or more cannot be serialised in memory: it is checked and run from the file it
+was loaded from or staged to (``path``), see ``graph.save_model_atomic``.
 """
 
 from __future__ import annotations
@@ -13,8 +17,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnx
 
+from onnxopt import graph as graphs
 from onnxopt.calib.capture import make_session
 from onnxopt.calib.readers import DataSource
+from onnxopt.errors import UserError
 
 
 class VerificationError(RuntimeError):
@@ -36,11 +42,20 @@ def _signature(values) -> list[tuple]:
     return [(v.name, v.type.tensor_type.elem_type, len(v.type.tensor_type.shape.dim)) for v in values]
 
 
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def check_structure(original: onnx.ModelProto, compressed: onnx.ModelProto) -> None:
     try:
-        onnx.checker.check_model(compressed, full_check=True)
+        if graphs.is_large(compressed):
+            with graphs.staged_file(compressed) as path:
+                onnx.checker.check_model(str(path), full_check=True)
+        else:
+            onnx.checker.check_model(compressed, full_check=True)
     except Exception as exc:
-        raise VerificationError(f"the rewritten model fails the ONNX checker: {exc}") from exc
+        raise VerificationError(f"the rewritten model fails the ONNX checker: {_first_line(exc)}") from exc
     originals = [i for i in original.graph.input if i.name not in {t.name for t in original.graph.initializer}]
     if _signature(originals) != _signature(compressed.graph.input):
         raise VerificationError("the rewritten model's inputs differ from the original's")
@@ -52,14 +67,22 @@ def compare_outputs(original: onnx.ModelProto, compressed: onnx.ModelProto, data
                     threads: int = 0, batch_size: int = 32) -> Verification:
     """Output difference of ``compressed`` against ``original`` on ``data``."""
     reference = make_session(original, threads)
-    candidate = make_session(compressed, threads)
+    try:
+        candidate = make_session(compressed, threads)
+    except UserError as exc:
+        raise VerificationError(f"the rewritten model does not load: {exc}") from None
     max_abs, err_sq, ref_sq, agree, rows, samples = 0.0, 0.0, 0.0, 0, 0, 0
     for feeds in data.batches(batch_size):
         expected = reference.run(None, feeds)
-        got = candidate.run(None, feeds)
+        try:
+            got = candidate.run(None, feeds)
+        except Exception as exc:
+            raise VerificationError(f"the rewritten model fails in onnxruntime: {_first_line(exc)}") from None
         samples += len(next(iter(feeds.values())))
         for e, g in zip(expected, got):
             e64, g64 = np.asarray(e, np.float64), np.asarray(g, np.float64)
+            if not np.isfinite(g64[np.isfinite(e64)]).all():
+                raise VerificationError("the rewritten model gives NaN or Inf where the original's outputs are finite")
             max_abs = max(max_abs, float(np.abs(e64 - g64).max(initial=0.0)))
             err_sq += float(np.square(e64 - g64).sum())
             ref_sq += float(np.square(e64).sum())

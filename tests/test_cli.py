@@ -54,27 +54,6 @@ def test_inspect_json(small_model_file):
     assert data["total_macs"] == sum(row["macs"] for row in data["layers"])
 
 
-def test_missing_file(tmp_path, small_calib_file):
-    result = onnxopt("compress", tmp_path / "nope.onnx", "-o", tmp_path / "o.onnx", "--speedup", "2", "--calib", small_calib_file)
-    assert_user_error(result, "no such file")
-
-
-def test_not_onnx(tmp_path, small_calib_file):
-    bad = tmp_path / "bad.onnx"
-    bad.write_bytes(b"this is not a protobuf \x00\xff\xfe" * 10)
-    out = tmp_path / "o.onnx"
-    result = onnxopt("compress", bad, "-o", out, "--speedup", "2", "--calib", small_calib_file)
-    assert_user_error(result, "bad.onnx")
-    assert not out.exists()
-
-
-def test_truncated_model(tmp_path, small_model_file, small_calib_file):
-    cut = tmp_path / "cut.onnx"
-    cut.write_bytes(small_model_file.read_bytes()[:500])
-    result = onnxopt("inspect", cut)
-    assert_user_error(result, "cut.onnx")
-
-
 def test_calibration_folder_without_images(tmp_path, small_model_file):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -95,24 +74,6 @@ def test_preset_shape_mismatch(tmp_path, small_model_file):
 def test_speedup_not_above_one(tmp_path, small_model_file, small_calib_file, speedup):
     result = onnxopt("compress", small_model_file, "-o", tmp_path / "o.onnx", "--speedup", speedup, "--calib", small_calib_file)
     assert_user_error(result, "--speedup")
-
-
-def test_output_equal_to_input(small_model_file, small_calib_file):
-    before = small_model_file.read_bytes()
-    result = onnxopt("compress", small_model_file, "-o", small_model_file, "--speedup", "2", "--calib", small_calib_file)
-    assert_user_error(result, "input")
-    assert small_model_file.read_bytes() == before
-
-
-def test_calibration_array_with_wrong_shape_or_nan(tmp_path, small_model_file):
-    wrong = tmp_path / "wrong.npy"
-    np.save(wrong, np.zeros((8, 3, 10, 10), np.float32))
-    assert_user_error(onnxopt("compress", small_model_file, "-o", tmp_path / "o.onnx", "--speedup", "2", "--calib", wrong), "shape")
-    nan = tmp_path / "nan.npy"
-    data = np.zeros((8, 3, 12, 12), np.float32)
-    data[0, 0, 0, 0] = np.nan
-    np.save(nan, data)
-    assert_user_error(onnxopt("compress", small_model_file, "-o", tmp_path / "o.onnx", "--speedup", "2", "--calib", nan), "NaN")
 
 
 def test_speedup_out_of_reach(tmp_path, small_model_file, small_calib_file):
@@ -206,21 +167,3 @@ def test_external_data_output_and_loading(tmp_path, small_model_file, small_cali
     x = np.random.default_rng(0).standard_normal((2, 3, 12, 12)).astype(np.float32)
     import onnxruntime as ort
     assert ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0].shape == (2, 10)
-
-
-@pytest.mark.parametrize("location", ["../secret.bin", "/etc/passwd", "link/secret.bin"])
-def test_external_data_outside_the_model_folder_is_refused(tmp_path, small_model, location):
-    from onnx import external_data_helper
-
-    folder = tmp_path / "models"
-    folder.mkdir()
-    (tmp_path / "secret.bin").write_bytes(b"\0" * 4096)
-    (folder / "link").symlink_to(tmp_path)
-    tensor = next(t for t in small_model.graph.initializer if t.name == "block.conv1.w")
-    external_data_helper.set_external_data(tensor, location=location, offset=0, length=tensor.ByteSize())
-    tensor.data_location = onnx.TensorProto.EXTERNAL
-    tensor.ClearField("raw_data")
-    tensor.ClearField("float_data")
-    path = folder / "hostile.onnx"
-    path.write_bytes(small_model.SerializeToString())
-    assert_user_error(onnxopt("inspect", path), "outside the model's folder")
