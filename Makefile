@@ -35,10 +35,14 @@ demo: install
 	$(BIN)/onnxopt eval $(OUT)/fmnist_cnn_2x.onnx --data models/demo/fashion-mnist/test --preset fashion-mnist
 	$(BIN)/onnxopt bench $(OUT)/fmnist_cnn_2x.onnx --baseline models/demo/fmnist_cnn.onnx --batch 32 --threads 1
 
+# The full runs (hours on 2 cores; results committed in benchmarks/results/).
 bench: install
+	$(BIN)/python benchmarks/harness.py --out benchmarks/results
 	$(BIN)/python benchmarks/lowrank_cifar.py --out benchmarks/results
+	$(BIN)/python benchmarks/allocation.py --out benchmarks/results
 
 bench-quick: install
+	$(BIN)/python benchmarks/harness.py --quick --out $(OUT)/bench-quick
 	$(BIN)/python benchmarks/lowrank_cifar.py --quick --out $(OUT)/bench-quick
 
 clean:
