@@ -88,7 +88,7 @@ def score(model: onnx.ModelProto, source: DataSource, labels: np.ndarray, thread
     top1 = top5 = 0
     start = 0
     for feeds in source.batches(batch_size):
-        logits = session.run(None, feeds)[0][: len(paths) - start]   # a fixed-batch model's last batch is filled up
+        logits = session.run(None, feeds)[0][: len(labels) - start]   # a fixed-batch model's last batch is filled up
         if logits.ndim != 2:
             raise UserError(f"the model's first output has shape {list(logits.shape)}; eval needs (N, classes) logits")
         batch_labels = labels[start:start + len(logits)]
