@@ -21,7 +21,7 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -rs -m "not slow"
 
-# The fuzzer with many random examples (CI runs a derandomized 300); tests/robustness/test_fuzz.py.
+# The fuzzer with many random examples (CI runs a derandomized 304); tests/robustness/test_fuzz.py.
 fuzz: install
 	HYPOTHESIS_PROFILE=fuzz nice -n 10 $(BIN)/python -m pytest -q -rs tests/robustness/test_fuzz.py --hypothesis-show-statistics
 

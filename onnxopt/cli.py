@@ -7,6 +7,7 @@ code 1 (``--debug`` shows the traceback). Nothing is written unless the whole jo
 
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -232,6 +233,8 @@ def _check_output_path(model_path: Path, output: Path) -> None:
     folder = output.parent if str(output.parent) else Path(".")
     if not folder.is_dir():
         raise UserError(f"output folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"output folder {folder} is not writable; choose another -o path")   # before the work, not after
 
 
 @app.command("eval")

@@ -216,14 +216,17 @@ def choose_ranks(layers: list[Layer], candidates: list[Layer], targets: dict[str
 
     The cost is MACs (exact per layer) or, with ``cost="latency"``, the sum of per-layer
     onnxruntime latencies; damage is the response energy lost (Zhang et al.), from the
-    eigenvalues of each layer's response covariance in the original model, or, with
+    eigenvalues of each layer's response covariance in the original model (with no more rows
+    than filters, the squared singular values of its weights), or, with
     ``measure`` (``--allocation sensitivity``), the output error measured per layer and rank.
     """
     spectra = {}
     for layer in candidates:
         rows = targets[layer.name].astype(np.float64)
-        spectra[layer.name] = (np.linalg.eigvalsh(np.atleast_2d(np.cov(rows, rowvar=False))) if len(rows) > 1
-                               else np.ones(layer.out_channels))
+        if len(rows) > layer.out_channels:
+            spectra[layer.name] = np.linalg.eigvalsh(np.atleast_2d(np.cov(rows, rowvar=False)))
+        else:       # too few rows to estimate it (lowrank.solve falls back to the weight SVD too)
+            spectra[layer.name] = np.linalg.svd(layer.weight_matrix().astype(np.float64), compute_uv=False) ** 2
     timer = LayerTimer(batch=options.latency_batch) if options.cost == "latency" else None
     t0 = time.perf_counter()
     layer_options = [_rank_options(layer, spectra[layer.name], options.rank_multiple, timer) for layer in candidates]

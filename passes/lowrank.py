@@ -195,9 +195,10 @@ def solve(layer: Layer, yhat: np.ndarray, target: np.ndarray, rank: int, offset:
 
     For a residual layer, ``target`` is the original Add output and ``offset`` the current
     shortcut, so the factorised branch also absorbs the shortcut's accumulated error
-    (He et al. 2017, multi-branch reconstruction).
+    (He et al. 2017, multi-branch reconstruction). With no more response rows than filters the
+    data cannot determine the response subspace, so the data-free weight SVD is used.
     """
-    if solver == "svd":
+    if solver == "svd" or len(yhat) <= layer.out_channels:
         return solve_weight_svd(layer, rank)
     if solver == "auto" and layer.activation == "relu":
         return solve_relu(yhat, target, rank, offset)

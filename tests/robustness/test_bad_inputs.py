@@ -221,7 +221,9 @@ def test_ctrl_c_leaves_nothing_behind(tmp_path, small_model_file, small_calib_fi
     process = subprocess.Popen(
         [sys.executable, "-c", SLOW_STEP, marker, step, "-q", "compress", small_model_file, "-o", out_dir / "o.onnx",
          "--speedup", "1.5", "--calib", small_calib_file, "--calib-size", "32"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # A job started in the background inherits SIGINT ignored; a user's terminal does not.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while not marker.exists():

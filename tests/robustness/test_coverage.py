@@ -207,3 +207,20 @@ def test_grouped_conv_is_skipped_with_a_reason(method):
     result = _compress(model, speedup=1.1, method=method, x=fuzzgraphs.calibration(spec)["x"])
     grouped = next(row for row in result.layers if "g2" in row.shape)
     assert "grouped" in grouped.skipped and grouped.macs_after == grouped.macs_before
+
+
+def test_too_few_calibration_rows_fall_back_to_the_weight_svd():
+    """Regression (fuzzer): 4 response rows for 8 filters (1x1 output, 4 calibration samples) made the
+    regression fit a 3-D subspace of a rank-4 layer; the outputs were far off though the rank was enough."""
+    spec = {"seed": 2, "opset": 11, "channels": 1, "size": 6, "batch": "N", "dynamic_spatial": False, "nhwc": False,
+            "blocks": [{"type": "conv", "out": 8, "group": 1, "k": 3, "stride": 2, "dilation": 2, "pad": "valid",
+                        "bias": False, "relu": False, "low_rank": True}],
+            "head": "gemm", "classes": 2, "hidden": 0, "trans_a": False, "trans_b": False, "alpha": 1.0, "beta": 1.0, "samples": 12}
+    model = fuzzgraphs.build(spec)
+    x = fuzzgraphs.calibration(spec)["x"]
+    source = DataSource(model_inputs(model), arrays={"x": x})
+    result = compress(model, source.subset(range(8, 12)), source.subset(range(8)),
+                      CompressOptions(speedup=1.01, rows_per_layer=512, rank_multiple=1, solver="linear"))
+    conv = result.layers[0]
+    assert (conv.rank, conv.solver) == (4, "svd")
+    np.testing.assert_allclose(run(result.model, {"x": x[:8]})[0], run(model, {"x": x[:8]})[0], atol=1e-4)
