@@ -115,8 +115,8 @@ def _ranks_at(current: tuple[int, int | None], weakened: tuple[int, int | None],
 
 
 def _plan_stage(states: list[_State], fixed: int, budget: float | None, last: bool, weaken: float,
-                stage: int) -> tuple[dict[str, tuple[int, int | None]], float]:
-    """New ranks for each layer this stage (only those that change), and the ``t`` used."""
+                stage: int) -> dict[str, tuple[int, int | None]]:
+    """New ranks for each layer this stage (only those that change); recorded in each layer's history."""
     current, weakened = {}, {}
     for state in states:
         with threadpool_limits(limits=1, user_api="blas"):
@@ -161,7 +161,7 @@ def _plan_stage(states: list[_State], fixed: int, budget: float | None, last: bo
             state.history[-1]["applied"] = None
             state.history[-1]["kept"] = ("ranks unchanged" if new == current[name]
                                          else "decomposition at these ranks would not save MACs")
-    return changes, t
+    return changes
 
 
 def _refit(state: _State, rows: dict[str, np.ndarray], targets: dict[str, np.ndarray]) -> None:
@@ -237,7 +237,7 @@ def compress_tucker2(model: onnx.ModelProto, calib: DataSource | None, holdout: 
         if budget is not None and fixed + sum(state.macs() for state in states) <= budget:
             break
         t0 = time.perf_counter()
-        changes, _ = _plan_stage(states, fixed, budget, stage == options.compression_stages, options.vbmf_weaken, stage)
+        changes = _plan_stage(states, fixed, budget, stage == options.compression_stages, options.vbmf_weaken, stage)
         stages_run = stage
         changed = [state for state in states if state.layer.name in changes]
         for state in changed:
