@@ -910,6 +910,7 @@ def compile_model(
         report = tune(mod, choice, tune_dir, tune_trials, rpc=rpc, on_event=on_event)
         seconds["tune"] = time.perf_counter() - clock
     tuned_kernels, all_kernels = 0, _kernel_counts(mod)[1]
+    kernel_names = sorted(_kernels(mod))
     if tune_dir is not None and has_database(tune_dir):
         mod = _apply_database(mod, target, tune_dir)
         tuned_kernels = _kernel_counts(mod)[0]
@@ -966,6 +967,7 @@ def compile_model(
             "tuned": tuned,
             "tuned_kernels": tuned_kernels,
             "kernels": all_kernels,
+            "kernel_names": kernel_names,
             "tuning_database": str(Path(tune_dir).resolve()) if tuned else None,
             "tuning": report.to_json() if report else None,
             "tvm_version": str(tvm.__version__),
@@ -990,10 +992,15 @@ def _check_not_inside(out_dir: Path, tune_dir: str | Path | None) -> None:
         raise UserError(f"--tune-dir {tune_dir} is inside the output directory {out_dir}, which is replaced on every build; keep it outside")
 
 
+def _kernels(mod) -> dict[str, Any]:
+    """The PrimFuncs (one per fused kernel) of a lowered module, by name."""
+    tvm = require_tvm()
+    return {str(gv.name_hint): f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+
+
 def _kernel_counts(mod) -> tuple[int, int]:
     """(kernels with a schedule, all kernels) of a lowered module."""
-    tvm = require_tvm()
-    kernels = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    kernels = list(_kernels(mod).values())
     scheduled = [f for f in kernels if f.attrs is not None and bool(f.attrs.get("tirx.is_scheduled", False))]
     return len(scheduled), len(kernels)
 

@@ -24,35 +24,6 @@ from onnxopt import tvm_backend  # noqa: E402
 from onnxopt.errors import UserError  # noqa: E402
 
 
-def make_tiny(path: Path) -> None:
-    """A small conv net (conv-relu-conv-add-pool-gemm) when ../shared has no model."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-
-    def weight(name, *shape):
-        return numpy_helper.from_array((rng.standard_normal(shape) * 0.2).astype(np.float32), name)
-
-    nodes = [
-        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
-        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-        helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
-        helper.make_node("Add", ["c2", "r1"], ["s"], name="residual"),
-        helper.make_node("GlobalAveragePool", ["s"], ["p"], name="pool"),
-        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
-        helper.make_node("Gemm", ["f", "w3", "b3"], ["y"], transB=1, name="fc"),
-    ]
-    graph = helper.make_graph(
-        nodes, "tiny_conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
-        [weight("w1", 8, 3, 3, 3), weight("b1", 8), weight("w2", 8, 8, 3, 3), weight("w3", 10, 8), weight("b3", 10)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    onnx.save(model, str(path))
-
-
 def onnxruntime_outputs(model_path: Path, feeds: dict) -> list[np.ndarray]:
     import onnxruntime as ort
 
@@ -78,12 +49,8 @@ def main() -> int:
     parser.add_argument("--target", default="aarch64", help="aarch64-family target to check (aarch64, rpi3, rpi4, rpi5)")
     parser.add_argument("--tolerance", type=float, default=1e-4)
     parser.add_argument("--skip-armv7", action="store_true")
-    parser.add_argument("--make-tiny", type=Path, metavar="PATH", help="write the small test model to PATH and exit")
     args = parser.parse_args()
 
-    if args.make_tiny:
-        make_tiny(args.make_tiny)
-        return 0
     if not (args.model and args.root and args.site):
         parser.error("MODEL, --root and --site are required (arm_check.sh passes them)")
 
