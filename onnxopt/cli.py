@@ -104,7 +104,7 @@ def inspect(
 def compress(
     model_path: Path = typer.Argument(..., metavar="IN.onnx", help="Trained model (never modified)."),
     output: Path = typer.Option(..., "-o", "--output", help="Where to write the compressed model."),
-    method: str = typer.Option("lowrank", "--method", help="lowrank (Zhang et al.), prune (He et al. LASSO + least squares), filter-std or filter-l1 (data-free ranking; refit with --calib)."),
+    method: str = typer.Option("lowrank", "--method", help="lowrank (Zhang et al.), prune (He et al. LASSO + least squares), filter-std or filter-l1 (data-free ranking; refit with --calib), or auto (prune then low-rank, the split measured)."),
     speedup: float = typer.Option(..., "--speedup", help="Target: whole-model MACs become at most original/SPEEDUP."),
     calib: Optional[list[str]] = typer.Option(None, "--calib", help="Calibration data: image folder, .npy/.npz, or name:file.npy (repeatable)."),
     preset: Optional[str] = PresetOption,

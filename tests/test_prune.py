@@ -221,3 +221,28 @@ def test_consumer_with_too_few_rows_keeps_sliced_weights():
         sliced = _consumer_weight(fc)[:, [0, 2, 5]]              # (N, K): the initializer layout with transB=1
         assert ("fc" in unfitted) == (not refit)
         assert np.allclose(weights["fc"][0], sliced, atol=1e-6) == (not refit)
+
+
+def test_auto_meets_the_budget_and_keeps_the_best_measured_split():
+    """--method auto: every prune/low-rank split is tried; the kept one has the smallest error."""
+    from onnxopt.auto_pipeline import SHARES
+    from onnxopt.pipeline import compress
+    from onnxopt.verify import compare_outputs
+
+    model = small_cnn()
+    holdout = _data(16, seed=2)
+    result = compress(model, _data(80), holdout, CompressOptions(speedup=1.5, method="auto", rows_per_layer=2000))
+    _check_model(model, result, 1.5)
+    candidates = result.auto["candidates"]
+    assert [c["prune_share"] for c in candidates] == list(SHARES)
+    measured = [c for c in candidates if "relative_l2" in c]
+    assert len(measured) >= 3 and all(c["mac_speedup"] >= 1.5 * (1 - 1e-9) for c in measured)
+    chosen = [c for c in candidates if c.get("chosen")]
+    assert len(chosen) == 1 and chosen[0]["relative_l2"] == min(c["relative_l2"] for c in measured)
+    again = compare_outputs(model, result.model, holdout)
+    assert abs(again.relative_l2 - result.verification.relative_l2) < 1e-6
+    assert result.verification.relative_l2 == chosen[0]["relative_l2"]
+    with pytest.raises(UserError, match="data-driven"):
+        compress(model, None, None, CompressOptions(speedup=1.5, method="auto"))
+    with pytest.raises(UserError, match="out of reach"):
+        compress(model, _data(40), holdout, CompressOptions(speedup=50, method="auto", rows_per_layer=500))
