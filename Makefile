@@ -33,9 +33,11 @@ demo: install
 
 bench: install
 	$(BIN)/python benchmarks/lowrank_cifar.py --out benchmarks/results
+	$(BIN)/python benchmarks/prune_bench.py --out benchmarks/results
 
 bench-quick: install
 	$(BIN)/python benchmarks/lowrank_cifar.py --quick --out $(OUT)/bench-quick
+	$(BIN)/python benchmarks/prune_bench.py --quick --out $(OUT)/bench-quick
 
 clean:
 	rm -rf $(OUT) .pytest_cache
