@@ -20,7 +20,8 @@ run (batch 1 and 32, 1 thread, runs alternated). Prints a Markdown table, writes
 
     python benchmarks/prune_bench.py [--quick] [--out DIR] [--models ...] [--variants ...]
 
-With ``--models``, the rows of other models already in the JSON are kept (run model by model).
+With ``--models`` or ``--variants``, rows of other (model, variant) pairs already in the JSON
+are kept, so the benchmark can be run in parts.
 """
 
 from __future__ import annotations
@@ -128,8 +129,9 @@ def main() -> None:
             print(f"  {variant:14s} top-1 {accuracy['top1']:.4f} (drop {row['top1_drop_points']:.2f}) MACs {mac_ratio:.2f}x  "
                   f"latency b32 {row['latency_speedup_b32']:.2f}x b1 {row['latency_speedup_b1']:.2f}x  {wall:.0f} s", flush=True)
     path = args.out / ("prune_quick.json" if args.quick else "prune.json")
-    if args.models and path.exists():       # a partial run replaces its models' rows, keeps the others
-        rows = [r for r in json.loads(path.read_text())["rows"] if r["model"] not in models] + rows
+    if (args.models or args.variants) and path.exists():    # a partial run replaces its own rows, keeps the others
+        done = {(r["model"], r["variant"]) for r in rows}
+        rows = [r for r in json.loads(path.read_text())["rows"] if (r["model"], r["variant"]) not in done] + rows
     machine = {"cores": os.cpu_count(), "python": platform.python_version(), "cpu": platform.processor() or platform.machine()}
     summary = {"date": time.strftime("%Y-%m-%d"), "machine": machine, "quick": args.quick, "rows": rows}
     path.write_text(json.dumps(summary, indent=2) + "\n")
