@@ -19,7 +19,8 @@
    consumer feeding a residual Add, of the block output ``branch + shortcut`` (a branch that
    adds little to its block may lose more: on ResNet-20 at 1.5x this gave 77.7% top-1 instead
    of 76.2% with the branch's own energy). Without data (``filter-*``): the fraction of the
-   ranking-score mass removed.
+   ranking-score mass removed. With ``--allocation sensitivity`` (and data): each group pruned
+   alone, its damage measured at the model's output on held-out samples (``OutputSensitivity``).
 4. Walk the groups in topological order of their producers. For each, run the CURRENT
    (partly pruned) model from a stored graph cut just before the producer
    (``calib.capture.CutRunner``) to get the consumers' input patches ``X``; the targets
@@ -273,6 +274,52 @@ def _select(method: str, group: ChannelGroup, plan: GroupPlan, keep_count: int,
     return prune.rank_select(plan.scores, keep_count)
 
 
+# ---------------------------------------------------------------------------- measured damage
+
+
+class OutputSensitivity:
+    """``--allocation sensitivity``: a group's damage measured at the model's output.
+
+    As ``onnxopt.sensitivity`` does for low-rank (Niu et al., ALGORITHMS.md §4): prune ONE
+    group alone (selection + refit on the original model's statistics) at ``GRID`` keep
+    counts, run the part of the ORIGINAL model after the group's producer on held-out samples,
+    and take ``sum ||f_g,k(x) - f(x)||^2 / sum ||f(x)||^2``. Counts between grid points are
+    interpolated; the damage is made monotone (never larger when more channels are kept). It
+    replaces the consumers' local reconstruction error, which misjudges how much a layer
+    matters to the output (an early layer's error grows through the network; a branch's may
+    be absorbed).
+    """
+
+    GRID = 4
+
+    def __init__(self, prepared: onnx.ModelProto, batches: list[dict[str, np.ndarray]], threads: int):
+        self.prepared = prepared
+        self.outputs = [o.name for o in prepared.graph.output]
+        self.runner = CutRunner(batches, threads)
+        self.reference = [[values[name] for name in self.outputs] for _, values in self.runner.run(prepared, self.outputs)]
+        self.base = graphs.import_graph(prepared)
+
+    def damages(self, plan: GroupPlan, solutions: list[tuple[np.ndarray, dict | None]]) -> list[float]:
+        """Measured damage for every count of ``plan`` (``solutions[i]`` = kept set, refit weights)."""
+        from onnxopt.sensitivity import relative_output_error
+
+        pruned = [i for i, count in enumerate(plan.counts) if count < plan.channels]
+        if not pruned:
+            return [0.0] * len(plan.counts)
+        producer = group_of(find_groups(self.base), plan.name).producers[0].node
+        self.runner.advance(self.prepared, cut_before(self.base, producer))
+        picks = sorted({pruned[int(i)] for i in np.linspace(0, len(pruned) - 1, min(self.GRID, len(pruned))).round()})
+        measured = []
+        for i in picks:
+            graph = graphs.import_graph(self.prepared)
+            keep, weights = solutions[i]
+            apply_keep(graph, group_of(find_groups(graph), plan.name), keep, weights)
+            measured.append(relative_output_error(self.runner, graphs.export(graph, self.prepared), self.outputs, self.reference))
+        measured = np.maximum.accumulate(np.asarray(measured)[::-1])[::-1]      # monotone in the count
+        counts = [plan.counts[i] for i in picks] + [plan.channels]
+        return [float(d) for d in np.interp(plan.counts, counts, [*measured, 0.0])]
+
+
 # ---------------------------------------------------------------------------- planning
 
 
@@ -425,7 +472,8 @@ def compress_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Da
             for tensor in (node.inputs[0], node.outputs[0]):
                 shape = tensor.shape or []
                 floats += int(np.prod([d for d in shape[1:] if isinstance(d, int)] or [1]))
-        samples = list(calib.batches(batch_size_for(floats)))
+        batch = batch_size_for(floats)
+        samples = list(calib.batches(batch))
         sampler = ConsumerSampler(max(1, math.ceil(options.rows_per_layer / len(calib))), options.seed, shortcuts)
         stats, targets = sampler.collect(prepared, CutRunner(samples, options.threads), list(consumer_nodes.values()),
                                          None, progress, "original model")
@@ -444,23 +492,30 @@ def compress_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Da
                 rows = rows + np.concatenate(targets[name + SHORTCUT])
             output_energy[name] = float(np.square(rows - rows.mean(0)).sum())
     t0 = time.perf_counter()
-    with threadpool_limits(limits=1, user_api="blas"):
-        for plan in plans:
-            group = group_of(groups, plan.name)
-            if not data:
-                plan.damages = [prune.removed_mass(plan.scores, k) for k in plan.counts]
-                continue
+    sensitivity = None
+    if data and options.allocation == "sensitivity":
+        held_out = holdout if holdout is not None and len(holdout) else calib.subset(range(min(128, len(calib))))
+        sensitivity = OutputSensitivity(prepared, list(held_out.batches(batch)), options.threads)
+    for number, plan in enumerate(plans, 1):
+        group = group_of(groups, plan.name)
+        if not data:
+            plan.damages = [prune.removed_mass(plan.scores, k) for k in plan.counts]
+            continue
+        with threadpool_limits(limits=1, user_api="blas"):
             path = None
             if method == "prune":
                 gram, q, n = _lasso_problem(group, original_stats)
                 path = (gram, prune.lasso_path(gram, q, n))
-            damages = []
+            damages, solutions = [], []
             for count in plan.counts:
                 keep = _select(method, group, plan, count, original_stats, path)
-                _, err, energy, _ = _refit(group, keep, original_stats)
+                weights, err, energy, _ = _refit(group, keep, original_stats)
                 energy = sum(output_energy.get(_node_name(m.node), 0.0) for m in group.consumers) or energy
                 damages.append(err / max(energy, 1e-300))
-            plan.damages = damages
+                solutions.append((keep, weights))
+        plan.damages = damages if sensitivity is None else sensitivity.damages(plan, solutions)
+        if progress and sensitivity is not None:
+            progress("sensitivity", number, len(plans))
     counts = allocate_counts(graph, layer_list, plans, target)
     if counts is None:
         best = _exact_macs(graph, layer_list, plans, [p.counts[0] for p in plans])

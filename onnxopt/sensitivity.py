@@ -23,7 +23,7 @@ from onnxopt.layers import Layer, find_layers
 from onnxopt.passes import allocation, lowrank
 
 
-def _relative_output_error(runner: CutRunner, model: onnx.ModelProto, outputs: list[str],
+def relative_output_error(runner: CutRunner, model: onnx.ModelProto, outputs: list[str],
                            reference: list[list[np.ndarray]]) -> float:
     error = norm = 0.0
     for (index, values), expected in zip(runner.run(model, outputs), reference):
@@ -59,7 +59,7 @@ def measured_options(prepared: onnx.ModelProto, candidates: list[Layer], layer_o
             twin = next(l for l in find_layers(graph) if l.name == layer.name)
             lowrank.rewrite(graph, twin, lowrank.solve_linear(rows, rows, rank))
             ranks.append(rank)
-            damages.append(_relative_output_error(runner, graphs.export(graph, prepared), outputs, reference))
+            damages.append(relative_output_error(runner, graphs.export(graph, prepared), outputs, reference))
         damages = np.maximum.accumulate(np.asarray(damages)[::-1])[::-1]       # monotone: less rank, more damage
         interpolated = np.interp([options[k].value for k in ranked], ranks, damages)
         new = list(options)

@@ -246,3 +246,27 @@ def test_auto_meets_the_budget_and_keeps_the_best_measured_split():
         compress(model, None, None, CompressOptions(speedup=1.5, method="auto"))
     with pytest.raises(UserError, match="out of reach"):
         compress(model, _data(40), holdout, CompressOptions(speedup=50, method="auto", rows_per_layer=500))
+
+
+def test_sensitivity_damage_is_the_measured_output_error_of_the_group_alone():
+    """--allocation sensitivity: at grid counts, the damage is ||f_k - f||^2/||f||^2 on held-out data."""
+    from onnxopt import graph as graphs
+    from onnxopt.passes.channel_groups import apply_keep, find_groups, group_of
+    from onnxopt.prune_pipeline import GroupPlan, OutputSensitivity
+    from onnxopt.verify import compare_outputs
+
+    model = small_cnn()
+    prepared = graphs.prepare(model)[0]
+    holdout = _data(24, seed=3)
+    sensitivity = OutputSensitivity(prepared, list(holdout.batches(8)), 1)
+    plan = GroupPlan("block.conv1", 16, ["block.conv2"], 1.0, counts=[4, 8, 12, 16])
+    solutions = [(np.arange(k), None) for k in plan.counts]          # keep the first k channels, sliced
+    damages = sensitivity.damages(plan, solutions)
+    assert damages[-1] == 0.0 and all(a >= b for a, b in zip(damages, damages[1:])) and damages[0] > 0
+    graph = graphs.import_graph(prepared)
+    apply_keep(graph, group_of(find_groups(graph), "block.conv1"), np.arange(8), None)
+    alone = compare_outputs(model, graphs.export(graph, prepared), holdout, 1)
+    assert damages[1] == pytest.approx(alone.relative_l2 ** 2, rel=1e-4)
+    result = compress_prune(model, _data(80), holdout, CompressOptions(speedup=1.3, method="prune", rows_per_layer=2000,
+                                                                       allocation="sensitivity"))
+    _check_model(model, result, 1.3)
