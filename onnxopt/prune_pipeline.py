@@ -56,7 +56,8 @@ from onnxopt.calib.stats import SufficientStats, extract_patches, responses_at, 
 from onnxopt.errors import UserError
 from onnxopt.layers import Layer, find_layers, gemm_weight_and_bias, model_macs
 from onnxopt.passes import allocation, prune
-from onnxopt.passes.channel_groups import ChannelGroup, Member, apply_keep, find_groups, group_of
+from onnxopt.passes.channel_groups import (ChannelGroup, Member, apply_keep, find_groups, group_of, insert_sampler,
+                                           sampler_group)
 from onnxopt.pipeline import (SHORTCUT, CompressionResult, CompressOptions, LayerResult, Progress, batch_size_for,
                               layer_seed, shape_text)
 from onnxopt.verify import Verification, verify
@@ -79,6 +80,23 @@ class GroupPlan:
     damages: list[float] = field(default_factory=list)
     scores: np.ndarray | None = None   # filter-* ranking scores
     keep: int | None = None
+    sampler: bool = False              # input channels of ONE Conv (``name``) through a Gather sampler
+
+
+def _group(plan: GroupPlan, graph: gs.Graph, groups: list[ChannelGroup] | None = None) -> ChannelGroup:
+    """The plan's group in ``graph`` (re-found by name: the graph is rewritten between uses)."""
+    if plan.sampler:
+        return sampler_group(graph, plan.name)
+    return group_of(groups if groups is not None else find_groups(graph), plan.name)
+
+
+def _cut_node(group: ChannelGroup) -> gs.Node:
+    """The node the current model is cut before to sample the group's consumers."""
+    return (group.producers or group.consumers)[0].node
+
+
+def _apply(plan: GroupPlan, graph: gs.Graph, group: ChannelGroup, keep: np.ndarray, weights: dict | None) -> None:
+    (insert_sampler if plan.sampler else apply_keep)(graph, group, keep, weights)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -306,14 +324,13 @@ class OutputSensitivity:
         pruned = [i for i, count in enumerate(plan.counts) if count < plan.channels]
         if not pruned:
             return [0.0] * len(plan.counts)
-        producer = group_of(find_groups(self.base), plan.name).producers[0].node
-        self.runner.advance(self.prepared, cut_before(self.base, producer))
+        self.runner.advance(self.prepared, cut_before(self.base, _cut_node(_group(plan, self.base))))
         picks = sorted({pruned[int(i)] for i in np.linspace(0, len(pruned) - 1, min(self.GRID, len(pruned))).round()})
         measured = []
         for i in picks:
             graph = graphs.import_graph(self.prepared)
             keep, weights = solutions[i]
-            apply_keep(graph, group_of(find_groups(graph), plan.name), keep, weights)
+            _apply(plan, graph, _group(plan, graph), keep, weights)
             measured.append(relative_output_error(self.runner, graphs.export(graph, self.prepared), self.outputs, self.reference))
         measured = np.maximum.accumulate(np.asarray(measured)[::-1])[::-1]      # monotone in the count
         counts = [plan.counts[i] for i in picks] + [plan.channels]
@@ -331,8 +348,14 @@ def _keep_counts(channels: int, round_to: int) -> list[int]:
 
 
 def plan_groups(graph: gs.Graph, layers: dict[str, Layer], exclude: list[str], round_to: int,
-                data: bool) -> tuple[list[GroupPlan], dict[str, str]]:
-    """Candidate groups and, for every other group, why it is left alone (by producer name)."""
+                data: bool, samplers: bool = False) -> tuple[list[GroupPlan], dict[str, str]]:
+    """Candidate groups and, for every other group, why it is left alone (by producer name).
+
+    With ``samplers``, every plain Conv reading ALL the channels of a group left alone (a
+    residual stream) becomes a sampler plan: its input channels are selected through a
+    ``Gather`` (``channel_groups.insert_sampler``). Plans are in topological order of the
+    node the walk cuts before; a sampler comes before the group its Conv produces.
+    """
     plans, reasons = [], {}
     for group in find_groups(graph):
         name = group.name
@@ -353,6 +376,8 @@ def plan_groups(graph: gs.Graph, layers: dict[str, Layer], exclude: list[str], r
         if reason is not None:
             for member in group.producers:
                 reasons[_node_name(member.node)] = reason
+            if samplers and group.channels > max(1, round_to):
+                plans += _sampler_plans(group, layers, exclude, round_to)
             continue
         per_channel = 0.0
         for member in group.producers + group.depthwise:
@@ -364,7 +389,23 @@ def plan_groups(graph: gs.Graph, layers: dict[str, Layer], exclude: list[str], r
                 per_channel += (layer.macs or 0) / layer.in_channels * member.block
         plans.append(GroupPlan(name, group.channels, [_node_name(m.node) for m in group.consumers], per_channel,
                                counts=_keep_counts(group.channels, round_to)))
+    order = {_node_name(node): index for index, node in enumerate(graph.nodes)}
+    plans.sort(key=lambda p: (order.get(p.name, 0), not p.sampler))
     return plans, reasons
+
+
+def _sampler_plans(group: ChannelGroup, layers: dict[str, Layer], exclude: list[str], round_to: int) -> list[GroupPlan]:
+    plans = []
+    for member in group.consumers:
+        node, name = member.node, _node_name(member.node)
+        weight = node.inputs[1].values if node.op == "Conv" else None
+        if (weight is None or node.attrs.get("group", 1) != 1 or member.offset or weight.shape[1] != group.channels
+                or weight[0].size > MAX_STATS_DIM or name not in layers
+                or any(fnmatch.fnmatchcase(name, p) for p in exclude)):
+            continue
+        plans.append(GroupPlan(name, group.channels, [name], (layers[name].macs or 0) / group.channels,
+                               counts=_keep_counts(group.channels, round_to), sampler=True))
+    return plans
 
 
 def _exact_macs(graph: gs.Graph, layers: list[Layer], plans: list[GroupPlan], counts: list[int]) -> int:
@@ -373,7 +414,7 @@ def _exact_macs(graph: gs.Graph, layers: list[Layer], plans: list[GroupPlan], co
     in_removed = {layer.name: 0 for layer in layers}
     groups = find_groups(graph)
     for plan, count in zip(plans, counts):
-        group = group_of(groups, plan.name)
+        group = _group(plan, graph, groups)
         for member in group.producers + group.depthwise:
             out_ratio[_node_name(member.node)] *= count / plan.channels
         for member in group.consumers:
@@ -435,7 +476,7 @@ def compress_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Da
     layers = {layer.name: layer for layer in layer_list}
     macs_before = model_macs(layer_list)
     target = macs_before / options.speedup
-    plans, reasons = plan_groups(graph, layers, options.exclude, round_to, data)
+    plans, reasons = plan_groups(graph, layers, options.exclude, round_to, data, samplers=method == "prune")
     if not plans:
         detail = "; ".join(f"{name}: {why}" for name, why in list(reasons.items())[:3]) or "no channel groups"
         raise UserError(f"nothing to prune: no channel group can be pruned ({detail})")
@@ -457,7 +498,7 @@ def compress_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Da
     groups = find_groups(graph)
     consumer_nodes: dict[str, gs.Node] = {}
     for plan in plans:
-        for member in group_of(groups, plan.name).consumers:
+        for member in _group(plan, graph, groups).consumers:
             consumer_nodes[_node_name(member.node)] = member.node
     shortcuts = {name: layers[name].shortcut.name for name in consumer_nodes
                  if name in layers and layers[name].shortcut is not None}
@@ -497,7 +538,7 @@ def compress_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Da
         held_out = holdout if holdout is not None and len(holdout) else calib.subset(range(min(128, len(calib))))
         sensitivity = OutputSensitivity(prepared, list(held_out.batches(batch)), options.threads)
     for number, plan in enumerate(plans, 1):
-        group = group_of(groups, plan.name)
+        group = _group(plan, graph, groups)
         if not data:
             plan.damages = [prune.removed_mass(plan.scores, k) for k in plan.counts]
             continue
@@ -531,14 +572,14 @@ def compress_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Da
     runner = CutRunner(samples, options.threads, options.memory_budget) if data else None
     consumer_errors: dict[str, tuple[float, float]] = {}
     kept_by_producer: dict[str, tuple[int, int]] = {}
+    sampled: dict[str, tuple[int, int]] = {}           # sampler plans: (kept, all) input channels
     unfitted: set[str] = set()
     for number, plan in enumerate(chosen, 1):
-        group = group_of(find_groups(graph), plan.name)
+        group = _group(plan, graph)
         stats = None
         if data:
             current = graphs.export(graph, prepared)
-            producer = group.producers[0].node
-            runner.advance(current, cut_before(graph, producer))
+            runner.advance(current, cut_before(graph, _cut_node(group)))
             consumers = [m.node for m in group.consumers]
             raw, _ = sampler.collect(current, runner, consumers, targets, progress, f"group {number}/{len(chosen)}")
             stats = {name: _as_linear(s) for name, s in raw.items()}
@@ -548,8 +589,11 @@ def compress_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Da
             if data:
                 weights, _, _, errors = _refit(group, keep, stats, unfitted)
                 consumer_errors.update(errors)
-        apply_keep(graph, group, keep, weights)
-        kept_by_producer[plan.name] = (len(keep), plan.channels)
+        _apply(plan, graph, group, keep, weights)
+        if plan.sampler:
+            sampled[plan.name] = (len(keep), plan.channels)
+        else:
+            kept_by_producer[plan.name] = (len(keep), plan.channels)
     timings["solve_and_rewrite"] = time.perf_counter() - t0
 
     compressed = graphs.export(graph, prepared)
@@ -576,8 +620,11 @@ def compress_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Da
         result = LayerResult(layer.name, layer.op, shape_text(layer), layer.macs or 0, macs_after, layer.params, params_after)
         if layer.name in kept_by_producer:
             result.rank, result.full_rank = kept_by_producer[layer.name]
+        changed = changed or layer.name in sampled
         if changed:
             result.solver = label
+            if layer.name in sampled:
+                result.solver += " (input channels %d/%d through a Gather sampler)" % sampled[layer.name]
             if layer.name in unfitted:
                 result.solver += " (sliced, no refit: too few calibration rows)"
             if layer.name in consumer_errors:
