@@ -270,3 +270,16 @@ def test_sensitivity_damage_is_the_measured_output_error_of_the_group_alone():
     result = compress_prune(model, _data(80), holdout, CompressOptions(speedup=1.3, method="prune", rows_per_layer=2000,
                                                                        allocation="sensitivity"))
     _check_model(model, result, 1.3)
+
+
+def test_prune_selects_input_channels_of_convs_reading_the_residual_stream():
+    """At 3x the stream's consumers (block.conv1, down) are sampled through Gather; prune only."""
+    model = small_cnn()
+    result = compress_prune(model, _data(80), _data(16, seed=2), CompressOptions(speedup=3, method="prune", rows_per_layer=2000))
+    _check_model(model, result, 3)
+    sampled = [layer.name for layer in result.layers if layer.solver and "Gather sampler" in layer.solver]
+    gathers = [n for n in result.model.graph.node if n.op_type == "Gather"]
+    assert sampled and len(gathers) == len(sampled) and set(sampled) <= {"block.conv1", "down"}
+    assert result.verification.relative_l2 < 0.3
+    data_free = compress_prune(model, None, None, CompressOptions(speedup=1.5, method="filter-l1"))
+    assert not any(n.op_type == "Gather" for n in data_free.model.graph.node)
