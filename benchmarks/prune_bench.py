@@ -4,6 +4,7 @@ For each model and budget, runs `onnxopt compress` (each in its own process: wal
 RSS are the process's own) with:
 
   prune            He et al. 2017: LASSO channel selection + least-squares refit (asymmetric)
+  prune+sens       the same, keep counts allocated by damage measured at the output
   filter-std+ls    Li, Zhao, Han 2019 std ranking, consumers refit by least squares
   filter-l1+ls     Li et al. 2017 L1 ranking, refit
   filter-std       std ranking, data-free (no --calib: plain removal)
@@ -40,6 +41,7 @@ from lowrank_cifar import ROOT, SHARED, latency_ratio, onnxopt, run_measured
 
 VARIANTS = {
     "prune": ["--method", "prune"],
+    "prune+sens": ["--method", "prune", "--allocation", "sensitivity"],
     "filter-std+ls": ["--method", "filter-std"],
     "filter-l1+ls": ["--method", "filter-l1"],
     "filter-std": ["--method", "filter-std"],          # without --calib: data-free
@@ -51,9 +53,9 @@ FILTERS = ["filter-std+ls", "filter-l1+ls", "filter-std", "filter-l1"]
 
 # name: (model file, preset, dataset, --speedup, variants, calibration images, eval limit)
 MODELS = {
-    "cifar10_resnet56": ("cifar10_resnet56.onnx", "cifar10", "cifar10", 2.0, ["prune", *FILTERS], 1000, None),
-    "mobilenet_v2": ("mobilenet_v2_1.0_224.onnx", "mobilenet", "imagenet", 1.3, ["prune", *FILTERS], 250, None),
-    "squeezenet1.1": ("squeezenet1.1.onnx", "imagenet", "imagenet", 1.5, ["prune", "auto", *FILTERS], 250, None),
+    "cifar10_resnet56": ("cifar10_resnet56.onnx", "cifar10", "cifar10", 2.0, ["prune", "prune+sens", *FILTERS], 1000, None),
+    "mobilenet_v2": ("mobilenet_v2_1.0_224.onnx", "mobilenet", "imagenet", 1.3, ["prune", "prune+sens", *FILTERS], 250, None),
+    "squeezenet1.1": ("squeezenet1.1.onnx", "imagenet", "imagenet", 1.5, ["prune", "prune+sens", "auto", *FILTERS], 250, None),
 }
 QUICK = {"cifar10_resnet20": ("cifar10_resnet20.onnx", "cifar10", "cifar10", 1.3, ["prune", "filter-l1+ls", "filter-l1"], 100, 200)}
 
