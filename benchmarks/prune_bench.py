@@ -21,8 +21,8 @@ run (batch 1 and 32, 1 thread, runs alternated). Prints a Markdown table, writes
 
     python benchmarks/prune_bench.py [--quick] [--out DIR] [--models ...] [--variants ...]
 
-With ``--models`` or ``--variants``, rows of other (model, variant) pairs already in the JSON
-are kept, so the benchmark can be run in parts.
+The JSON is written after every row; with ``--models`` or ``--variants``, rows of other
+(model, variant) pairs already in it are kept, so the benchmark can be run in parts.
 """
 
 from __future__ import annotations
@@ -77,6 +77,16 @@ def evaluate(model: Path, data: Path, preset: str, labels: list[str], offset: in
     return json.loads(subprocess.run(onnxopt(*args), capture_output=True, text=True, check=True).stdout)
 
 
+def save(path: Path, kept: list[dict], rows: list[dict], quick: bool) -> None:
+    """The JSON after every row. A partial run (--models/--variants) keeps the rows of other
+    (model, variant) pairs already in the file, so the benchmark can be run in parts."""
+    done = {(r["model"], r["variant"]) for r in rows}
+    machine = {"cores": os.cpu_count(), "python": platform.python_version(), "cpu": platform.processor() or platform.machine()}
+    summary = {"date": time.strftime("%Y-%m-%d"), "machine": machine, "quick": quick,
+               "rows": [r for r in kept if (r["model"], r["variant"]) not in done] + rows}
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="ResNet-20 at 1.3x, few images (< 2 min; CI).")
@@ -84,6 +94,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "out" / "bench-prune", help="Where compressed models go.")
     parser.add_argument("--models", nargs="*", default=None)
     parser.add_argument("--variants", nargs="*", default=None)
+    parser.add_argument("--reuse", action="store_true",
+                        help="Evaluate models already compressed in --work (wall time: the report's total, no RSS).")
     args = parser.parse_args()
     if not (SHARED / "models").is_dir():
         sys.exit("benchmarks need ../shared (reference models and images next to the repository)")
@@ -91,6 +103,8 @@ def main() -> None:
     models = args.models or list(table)
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
+    path = args.out / ("prune_quick.json" if args.quick else "prune.json")
+    kept = json.loads(path.read_text())["rows"] if (args.models or args.variants) and path.exists() else []
     rows = []
     for model_name in models:
         file, preset, dataset, speedup, variants, calib_size, limit = {**MODELS, **QUICK}[model_name]
@@ -107,7 +121,11 @@ def main() -> None:
                               "--report", str(report), *VARIANTS[variant])
             if variant not in DATA_FREE:
                 command += ["--calib", str(calib), "--calib-size", str(calib_size)]
-            result, wall, peak_mb = run_measured(command)
+            if args.reuse and out.exists() and report.exists():
+                result = subprocess.CompletedProcess(command, 0)
+                wall, peak_mb = json.loads(report.read_text())["timings_s"]["total"], None
+            else:
+                result, wall, peak_mb = run_measured(command)
             if result.returncode != 0:
                 print(f"  {variant} failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}", flush=True)
                 continue
@@ -128,23 +146,17 @@ def main() -> None:
             if "auto" in data:
                 row["auto"] = data["auto"]
             rows.append(row)
+            save(path, kept, rows, args.quick)
             print(f"  {variant:14s} top-1 {accuracy['top1']:.4f} (drop {row['top1_drop_points']:.2f}) MACs {mac_ratio:.2f}x  "
                   f"latency b32 {row['latency_speedup_b32']:.2f}x b1 {row['latency_speedup_b1']:.2f}x  {wall:.0f} s", flush=True)
-    path = args.out / ("prune_quick.json" if args.quick else "prune.json")
-    if (args.models or args.variants) and path.exists():    # a partial run replaces its own rows, keeps the others
-        done = {(r["model"], r["variant"]) for r in rows}
-        rows = [r for r in json.loads(path.read_text())["rows"] if (r["model"], r["variant"]) not in done] + rows
-    machine = {"cores": os.cpu_count(), "python": platform.python_version(), "cpu": platform.processor() or platform.machine()}
-    summary = {"date": time.strftime("%Y-%m-%d"), "machine": machine, "quick": args.quick, "rows": rows}
-    path.write_text(json.dumps(summary, indent=2) + "\n")
     header = "| model | target | variant | MACs ratio | top-1 | orig. | drop (pts) | ORT speed-up b1 | b32 | time (s) | peak RSS (MB) |"
     print()
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
-    for r in rows:
+    for r in json.loads(path.read_text())["rows"] if path.exists() else []:
         print(f"| {r['model']} | {r['speedup_target']:g}x | {r['variant']} | {r['mac_ratio']:.2f} | {r['top1']:.4f} | "
               f"{r['top1_original']:.4f} | {r['top1_drop_points']:.2f} | {r['latency_speedup_b1']:.2f} | "
-              f"{r['latency_speedup_b32']:.2f} | {r['compress_wall_s']:.0f} | {r['compress_peak_rss_mb']:.0f} |")
+              f"{r['latency_speedup_b32']:.2f} | {r['compress_wall_s']:.0f} | {r['compress_peak_rss_mb'] or 0:.0f} |")
 
 
 if __name__ == "__main__":
