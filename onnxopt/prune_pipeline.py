@@ -3,7 +3,10 @@
 1. Prepare the graph (``graph.prepare``: BN folded) and find its channel groups
    (``passes.channel_groups``). A group is a candidate when it is prunable, has ONE producer
    (residual groups, where every block output would be pruned alike, are left alone) and is
-   not excluded.
+   not excluded. With ``--method prune``, a plain Conv that reads all the channels of a group
+   left alone (the first conv of a residual branch, which shares its input with the shortcut)
+   is a *sampler* candidate: its input channels are selected and a ``Gather(axis=1)`` is
+   inserted before it, the stream itself unchanged (He et al. 2017 "Multi-branch").
 2. Run the ORIGINAL model once over the calibration set. For every consumer of a candidate
    group, at a few sampled output positions per image, keep its response rows (the targets)
    and the rows of its residual shortcut; accumulate float64 statistics of its input patches
