@@ -40,10 +40,12 @@ bench: install
 	$(BIN)/python benchmarks/harness.py --out benchmarks/results
 	$(BIN)/python benchmarks/lowrank_cifar.py --out benchmarks/results
 	$(BIN)/python benchmarks/allocation.py --out benchmarks/results
+	$(BIN)/python benchmarks/prune_bench.py --out benchmarks/results
 
 bench-quick: install
 	$(BIN)/python benchmarks/harness.py --quick --out $(OUT)/bench-quick
 	$(BIN)/python benchmarks/lowrank_cifar.py --quick --out $(OUT)/bench-quick
+	$(BIN)/python benchmarks/prune_bench.py --quick --out $(OUT)/bench-quick
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -46,7 +46,7 @@ SHORTCUT = "/shortcut"
 SOLVERS = ("auto", "linear", "svd")
 ALLOCATIONS = ("energy", "uniform", "sensitivity", "vbmf")
 PRUNE_METHODS = ("prune", "filter-std", "filter-l1")
-METHODS = ("lowrank", *PRUNE_METHODS, "tucker2")
+METHODS = ("lowrank", *PRUNE_METHODS, "tucker2", "auto")
 COSTS = ("macs", "latency")
 
 
@@ -106,9 +106,11 @@ class CompressionResult:
     holdout_samples: int
     rows_per_layer: int
     stages: int
+    auto: dict | None = None            # --method auto: every prune/low-rank split tried, and its error
 
     def to_json(self) -> dict:
-        return {
+        extra = {"auto": self.auto} if self.auto is not None else {}
+        return {**extra,
             "macs_before": self.macs_before,
             "macs_after": self.macs_after,
             "mac_speedup": self.macs_before / max(self.macs_after, 1),
@@ -407,6 +409,10 @@ def compress(model: onnx.ModelProto, calib: DataSource | None, holdout: DataSour
         from onnxopt.prune_pipeline import compress_prune
 
         return compress_prune(model, calib, holdout, options, progress)
+    if options.method == "auto":
+        from onnxopt.auto_pipeline import compress_auto
+
+        return compress_auto(model, calib, holdout, options, progress)
     if calib is None:
         raise UserError("--method lowrank is data-driven: give calibration data with --calib (an image folder or .npz)")
     if options.solver not in SOLVERS:

@@ -3,7 +3,10 @@
 1. Prepare the graph (``graph.prepare``: BN folded) and find its channel groups
    (``passes.channel_groups``). A group is a candidate when it is prunable, has ONE producer
    (residual groups, where every block output would be pruned alike, are left alone) and is
-   not excluded.
+   not excluded. With ``--method prune``, a plain Conv that reads all the channels of a group
+   left alone (the first conv of a residual branch, which shares its input with the shortcut)
+   is a *sampler* candidate: its input channels are selected and a ``Gather(axis=1)`` is
+   inserted before it, the stream itself unchanged (He et al. 2017 "Multi-branch").
 2. Run the ORIGINAL model once over the calibration set. For every consumer of a candidate
    group, at a few sampled output positions per image, keep its response rows (the targets)
    and the rows of its residual shortcut; accumulate float64 statistics of its input patches
@@ -19,7 +22,8 @@
    consumer feeding a residual Add, of the block output ``branch + shortcut`` (a branch that
    adds little to its block may lose more: on ResNet-20 at 1.5x this gave 77.7% top-1 instead
    of 76.2% with the branch's own energy). Without data (``filter-*``): the fraction of the
-   ranking-score mass removed.
+   ranking-score mass removed. With ``--allocation sensitivity`` (and data): each group pruned
+   alone, its damage measured at the model's output on held-out samples (``OutputSensitivity``).
 4. Walk the groups in topological order of their producers. For each, run the CURRENT
    (partly pruned) model from a stored graph cut just before the producer
    (``calib.capture.CutRunner``) to get the consumers' input patches ``X``; the targets
@@ -55,9 +59,11 @@ from onnxopt.calib.stats import SufficientStats, extract_patches, responses_at, 
 from onnxopt.errors import UserError
 from onnxopt.layers import Layer, find_layers, gemm_weight_and_bias, model_macs
 from onnxopt.passes import allocation, prune
-from onnxopt.passes.channel_groups import ChannelGroup, Member, apply_keep, find_groups, group_of
+from onnxopt.passes.channel_groups import (ChannelGroup, Member, apply_keep, find_groups, group_of, insert_sampler,
+                                           sampler_group)
 from onnxopt.pipeline import (SHORTCUT, CompressionResult, CompressOptions, LayerResult, Progress, batch_size_for,
                               layer_seed, shape_text)
+from onnxopt.sensitivity import OutputReference, grid_ranks
 from onnxopt.verify import Verification, verify
 
 METHODS = ("prune", "filter-std", "filter-l1")
@@ -78,6 +84,23 @@ class GroupPlan:
     damages: list[float] = field(default_factory=list)
     scores: np.ndarray | None = None   # filter-* ranking scores
     keep: int | None = None
+    sampler: bool = False              # input channels of ONE Conv (``name``) through a Gather sampler
+
+
+def _group(plan: GroupPlan, graph: gs.Graph, groups: list[ChannelGroup] | None = None) -> ChannelGroup:
+    """The plan's group in ``graph`` (re-found by name: the graph is rewritten between uses)."""
+    if plan.sampler:
+        return sampler_group(graph, plan.name)
+    return group_of(groups if groups is not None else find_groups(graph), plan.name)
+
+
+def _cut_node(group: ChannelGroup) -> gs.Node:
+    """The node the current model is cut before to sample the group's consumers."""
+    return (group.producers or group.consumers)[0].node
+
+
+def _apply(plan: GroupPlan, graph: gs.Graph, group: ChannelGroup, keep: np.ndarray, weights: dict | None) -> None:
+    (insert_sampler if plan.sampler else apply_keep)(graph, group, keep, weights)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -274,6 +297,48 @@ def _select(method: str, group: ChannelGroup, plan: GroupPlan, keep_count: int,
     return prune.rank_select(plan.scores, keep_count)
 
 
+# ---------------------------------------------------------------------------- measured damage
+
+
+class OutputSensitivity:
+    """``--allocation sensitivity``: a group's damage measured at the model's output.
+
+    As ``onnxopt.sensitivity`` does for low-rank (Niu et al., ALGORITHMS.md §4): prune ONE
+    group alone (selection + refit on the original model's statistics) at ``GRID`` keep
+    counts, run the part of the ORIGINAL model after the group's producer on held-out samples,
+    and take ``sum ||f_g,k(x) - f(x)||^2 / sum ||f(x)||^2`` (``OutputReference``'s ``error``). Counts between grid points are
+    interpolated; the damage is made monotone (never larger when more channels are kept). It
+    replaces the consumers' local reconstruction error, which misjudges how much a layer
+    matters to the output (an early layer's error grows through the network; a branch's may
+    be absorbed).
+    """
+
+    GRID = 4
+
+    def __init__(self, prepared: onnx.ModelProto, batches: list[dict[str, np.ndarray]], threads: int):
+        self.prepared = prepared
+        self.runner = CutRunner(batches, threads)
+        self.reference = OutputReference(self.runner, prepared, None)
+        self.base = graphs.import_graph(prepared)
+
+    def damages(self, plan: GroupPlan, solutions: list[tuple[np.ndarray, dict | None]]) -> list[float]:
+        """Measured damage for every count of ``plan`` (``solutions[i]`` = kept set, refit weights)."""
+        pruned = [i for i, count in enumerate(plan.counts) if count < plan.channels]
+        if not pruned:
+            return [0.0] * len(plan.counts)
+        self.runner.advance(self.prepared, cut_before(self.base, _cut_node(_group(plan, self.base))))
+        picks = grid_ranks(pruned, self.GRID)
+        measured = []
+        for i in picks:
+            graph = graphs.import_graph(self.prepared)
+            keep, weights = solutions[i]
+            _apply(plan, graph, _group(plan, graph), keep, weights)
+            measured.append(self.reference.damages(self.runner, graphs.export(graph, self.prepared))["error"])
+        measured = np.maximum.accumulate(np.asarray(measured)[::-1])[::-1]      # monotone in the count
+        counts = [plan.counts[i] for i in picks] + [plan.channels]
+        return [float(d) for d in np.interp(plan.counts, counts, [*measured, 0.0])]
+
+
 # ---------------------------------------------------------------------------- planning
 
 
@@ -285,8 +350,14 @@ def _keep_counts(channels: int, round_to: int) -> list[int]:
 
 
 def plan_groups(graph: gs.Graph, layers: dict[str, Layer], exclude: list[str], round_to: int,
-                data: bool) -> tuple[list[GroupPlan], dict[str, str]]:
-    """Candidate groups and, for every other group, why it is left alone (by producer name)."""
+                data: bool, samplers: bool = False) -> tuple[list[GroupPlan], dict[str, str]]:
+    """Candidate groups and, for every other group, why it is left alone (by producer name).
+
+    With ``samplers``, every plain Conv reading ALL the channels of a group left alone (a
+    residual stream) becomes a sampler plan: its input channels are selected through a
+    ``Gather`` (``channel_groups.insert_sampler``). Plans are in topological order of the
+    node the walk cuts before; a sampler comes before the group its Conv produces.
+    """
     plans, reasons = [], {}
     for group in find_groups(graph):
         name = group.name
@@ -307,6 +378,8 @@ def plan_groups(graph: gs.Graph, layers: dict[str, Layer], exclude: list[str], r
         if reason is not None:
             for member in group.producers:
                 reasons[_node_name(member.node)] = reason
+            if samplers and group.channels > max(1, round_to):
+                plans += _sampler_plans(group, layers, exclude, round_to)
             continue
         per_channel = 0.0
         for member in group.producers + group.depthwise:
@@ -318,7 +391,23 @@ def plan_groups(graph: gs.Graph, layers: dict[str, Layer], exclude: list[str], r
                 per_channel += (layer.macs or 0) / layer.in_channels * member.block
         plans.append(GroupPlan(name, group.channels, [_node_name(m.node) for m in group.consumers], per_channel,
                                counts=_keep_counts(group.channels, round_to)))
+    order = {_node_name(node): index for index, node in enumerate(graph.nodes)}
+    plans.sort(key=lambda p: (order.get(p.name, 0), not p.sampler))
     return plans, reasons
+
+
+def _sampler_plans(group: ChannelGroup, layers: dict[str, Layer], exclude: list[str], round_to: int) -> list[GroupPlan]:
+    plans = []
+    for member in group.consumers:
+        node, name = member.node, _node_name(member.node)
+        weight = node.inputs[1].values if node.op == "Conv" else None
+        if (weight is None or node.attrs.get("group", 1) != 1 or member.offset or weight.shape[1] != group.channels
+                or weight[0].size > MAX_STATS_DIM or name not in layers
+                or any(fnmatch.fnmatchcase(name, p) for p in exclude)):
+            continue
+        plans.append(GroupPlan(name, group.channels, [name], (layers[name].macs or 0) / group.channels,
+                               counts=_keep_counts(group.channels, round_to), sampler=True))
+    return plans
 
 
 def _exact_macs(graph: gs.Graph, layers: list[Layer], plans: list[GroupPlan], counts: list[int]) -> int:
@@ -327,7 +416,7 @@ def _exact_macs(graph: gs.Graph, layers: list[Layer], plans: list[GroupPlan], co
     in_removed = {layer.name: 0 for layer in layers}
     groups = find_groups(graph)
     for plan, count in zip(plans, counts):
-        group = group_of(groups, plan.name)
+        group = _group(plan, graph, groups)
         for member in group.producers:
             out_ratio[_node_name(member.node)] *= count / plan.channels
         for member in group.consumers + group.depthwise:   # a depthwise conv after a Concat spans several groups
@@ -389,7 +478,7 @@ def compress_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Da
     layers = {layer.name: layer for layer in layer_list}
     macs_before = model_macs(layer_list)
     target = macs_before / options.speedup
-    plans, reasons = plan_groups(graph, layers, options.exclude, round_to, data)
+    plans, reasons = plan_groups(graph, layers, options.exclude, round_to, data, samplers=method == "prune")
     if not plans:
         detail = "; ".join(f"{name}: {why}" for name, why in list(reasons.items())[:3]) or "no channel groups"
         raise UserError(f"nothing to prune: no channel group can be pruned ({detail})")
@@ -411,7 +500,7 @@ def compress_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Da
     groups = find_groups(graph)
     consumer_nodes: dict[str, gs.Node] = {}
     for plan in plans:
-        for member in group_of(groups, plan.name).consumers:
+        for member in _group(plan, graph, groups).consumers:
             consumer_nodes[_node_name(member.node)] = member.node
     shortcuts = {name: layers[name].shortcut.name for name in consumer_nodes
                  if name in layers and layers[name].shortcut is not None}
@@ -426,7 +515,8 @@ def compress_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Da
             for tensor in (node.inputs[0], node.outputs[0]):
                 shape = tensor.shape or []
                 floats += int(np.prod([d for d in shape[1:] if isinstance(d, int)] or [1]))
-        samples = list(calib.batches(batch_size_for(floats)))
+        batch = batch_size_for(floats)
+        samples = list(calib.batches(batch))
         sampler = ConsumerSampler(max(1, math.ceil(options.rows_per_layer / len(calib))), options.seed, shortcuts)
         stats, targets = sampler.collect(prepared, CutRunner(samples, options.threads), list(consumer_nodes.values()),
                                          None, progress, "original model")
@@ -445,23 +535,30 @@ def compress_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Da
                 rows = rows + np.concatenate(targets[name + SHORTCUT])
             output_energy[name] = float(np.square(rows - rows.mean(0)).sum())
     t0 = time.perf_counter()
-    with threadpool_limits(limits=1, user_api="blas"):
-        for plan in plans:
-            group = group_of(groups, plan.name)
-            if not data:
-                plan.damages = [prune.removed_mass(plan.scores, k) for k in plan.counts]
-                continue
+    sensitivity = None
+    if data and options.allocation == "sensitivity":
+        held_out = holdout if holdout is not None and len(holdout) else calib.subset(range(min(128, len(calib))))
+        sensitivity = OutputSensitivity(prepared, list(held_out.batches(batch)), options.threads)
+    for number, plan in enumerate(plans, 1):
+        group = _group(plan, graph, groups)
+        if not data:
+            plan.damages = [prune.removed_mass(plan.scores, k) for k in plan.counts]
+            continue
+        with threadpool_limits(limits=1, user_api="blas"):
             path = None
             if method == "prune":
                 gram, q, n = _lasso_problem(group, original_stats)
                 path = (gram, prune.lasso_path(gram, q, n))
-            damages = []
+            damages, solutions = [], []
             for count in plan.counts:
                 keep = _select(method, group, plan, count, original_stats, path)
-                _, err, energy, _ = _refit(group, keep, original_stats)
+                weights, err, energy, _ = _refit(group, keep, original_stats)
                 energy = sum(output_energy.get(_node_name(m.node), 0.0) for m in group.consumers) or energy
                 damages.append(err / max(energy, 1e-300))
-            plan.damages = damages
+                solutions.append((keep, weights))
+        plan.damages = damages if sensitivity is None else sensitivity.damages(plan, solutions)
+        if progress and sensitivity is not None:
+            progress("sensitivity", number, len(plans))
     counts = allocate_counts(graph, layer_list, plans, target)
     if counts is None:
         best = _exact_macs(graph, layer_list, plans, [p.counts[0] for p in plans])
@@ -477,14 +574,14 @@ def compress_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Da
     runner = CutRunner(samples, options.threads, options.memory_budget) if data else None
     consumer_errors: dict[str, tuple[float, float]] = {}
     kept_by_producer: dict[str, tuple[int, int]] = {}
+    sampled: dict[str, tuple[int, int]] = {}           # sampler plans: (kept, all) input channels
     unfitted: set[str] = set()
     for number, plan in enumerate(chosen, 1):
-        group = group_of(find_groups(graph), plan.name)
+        group = _group(plan, graph)
         stats = None
         if data:
             current = graphs.export(graph, prepared)
-            producer = group.producers[0].node
-            runner.advance(current, cut_before(graph, producer))
+            runner.advance(current, cut_before(graph, _cut_node(group)))
             consumers = [m.node for m in group.consumers]
             raw, _ = sampler.collect(current, runner, consumers, targets, progress, f"group {number}/{len(chosen)}")
             stats = {name: _as_linear(s) for name, s in raw.items()}
@@ -494,8 +591,11 @@ def compress_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Da
             if data:
                 weights, _, _, errors = _refit(group, keep, stats, unfitted)
                 consumer_errors.update(errors)
-        apply_keep(graph, group, keep, weights)
-        kept_by_producer[plan.name] = (len(keep), plan.channels)
+        _apply(plan, graph, group, keep, weights)
+        if plan.sampler:
+            sampled[plan.name] = (len(keep), plan.channels)
+        else:
+            kept_by_producer[plan.name] = (len(keep), plan.channels)
     timings["solve_and_rewrite"] = time.perf_counter() - t0
 
     compressed = graphs.restore_signature(graphs.export(graph, prepared), model)
@@ -522,8 +622,11 @@ def compress_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Da
         result = LayerResult(layer.name, layer.op, shape_text(layer), layer.macs or 0, macs_after, layer.params, params_after)
         if layer.name in kept_by_producer:
             result.rank, result.full_rank = kept_by_producer[layer.name]
+        changed = changed or layer.name in sampled
         if changed:
             result.solver = label
+            if layer.name in sampled:
+                result.solver += " (input channels %d/%d through a Gather sampler)" % sampled[layer.name]
             if layer.name in unfitted:
                 result.solver += " (sliced, no refit: too few calibration rows)"
             if layer.name in consumer_errors:

@@ -25,7 +25,9 @@ come from something other than a Conv/Gemm (a graph input, the channel Pad of an
 ResNet shortcut).
 
 :func:`find_groups` analyses a ``gs.Graph``; :func:`apply_keep` applies a kept-channel set to
-a group (the graph rewrite). Offsets are read from the graph when analysed, so analyse again
+a group (the graph rewrite). For a Conv reading a group that is left alone (a residual stream),
+:func:`sampler_group` + :func:`insert_sampler` select its input channels through a
+``Gather(axis=1)`` instead (He et al. 2017, "Multi-branch"). Offsets are read from the graph when analysed, so analyse again
 after each rewrite.
 """
 
@@ -580,6 +582,13 @@ def apply_keep(graph: gs.Graph, group: ChannelGroup, keep, consumer_weights: dic
                         axis = _channel_axis_of_constant(tensor.values, member.rank)
                         if axis is not None and tensor.values.shape[axis] > 1:
                             _replace_input(node, k, np.delete(tensor.values, index, axis=axis))
+    _slice_consumers(group, removed, consumer_weights)
+    _update_shapes(graph, group, len(removed))
+    return len(removed)
+
+
+def _slice_consumers(group: ChannelGroup, removed: np.ndarray, consumer_weights: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """Consumers drop the input columns of ``removed``, or take their refit weights."""
     for member in group.consumers:
         node = member.node
         name = node.name or node.outputs[0].name
@@ -604,7 +613,46 @@ def apply_keep(graph: gs.Graph, group: ChannelGroup, keep, consumer_weights: dic
             columns = (index[:, None] * member.block + np.arange(member.block)[None]).reshape(-1)
             axis = 1 if node.attrs.get("transB", 0) else 0
             _replace_input(node, 1, np.delete(node.inputs[1].values, columns, axis=axis))
-    _update_shapes(graph, group, len(removed))
+
+
+def sampler_group(graph: gs.Graph, consumer_name: str) -> ChannelGroup:
+    """The input channels of ONE Conv, as a group with no producer (for :func:`insert_sampler`).
+
+    He et al. 2017 §2 "Multi-branch": the first conv of a residual branch reads the residual
+    stream, which the shortcut also reads, so its producers cannot be pruned; the conv's input
+    channels are selected instead.
+    """
+    node = next(n for n in graph.nodes if (n.name or n.outputs[0].name) == consumer_name)
+    return ChannelGroup(channels=int(node.inputs[1].values.shape[1]), tensors=[node.inputs[0].name],
+                        consumers=[Member(node, "consumer")])
+
+
+def insert_sampler(graph: gs.Graph, group: ChannelGroup, keep, consumer_weights: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> int:
+    """Feed the Conv of a :func:`sampler_group` through ``Gather(axis=1, indices=keep)``; returns |removed|.
+
+    The Conv keeps ``W[:, keep]`` (or its refit weight from ``consumer_weights``, as in
+    :func:`apply_keep`); its input tensor, and whatever else reads it, are unchanged.
+    """
+    removed = removed_indices(group, keep)
+    if len(removed) == group.channels:
+        raise ValueError(f"group {group.name}: at least one channel must be kept")
+    if len(removed) == 0 and not consumer_weights:
+        return 0
+    node = group.consumers[0].node
+    name = node.name or node.outputs[0].name
+    source = node.inputs[0]
+    kept = np.setdiff1d(np.arange(group.channels), removed).astype(np.int64)
+    _counter[0] += 1
+    shape = list(source.shape) if source.shape is not None and len(source.shape) > 1 else None
+    if shape is not None:
+        shape[1] = len(kept)
+    sampled = gs.Variable(f"{name}.sampled{_counter[0]}", dtype=source.dtype or np.float32, shape=shape)
+    gather = gs.Node("Gather", f"{name}.sampler{_counter[0]}", attrs={"axis": 1},
+                     inputs=[source, gs.Constant(f"{name}.sampler_indices{_counter[0]}", kept)], outputs=[sampled])
+    graph.nodes.append(gather)
+    node.inputs[0] = sampled
+    _slice_consumers(group, removed, consumer_weights or {})
+    graph.toposort()
     return len(removed)
 
 

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import run, shared_path, small_cnn
 from onnxopt.graph import export, import_graph, prepare
-from onnxopt.passes.channel_groups import apply_keep, find_groups, group_of
+from onnxopt.passes.channel_groups import apply_keep, find_groups, group_of, insert_sampler, sampler_group
 
 
 class Builder:
@@ -260,6 +260,49 @@ def test_keeping_everything_is_an_exact_identity():
     onnx.checker.check_model(pruned, full_check=True)
     feeds = {"x": np.random.default_rng(0).standard_normal((2, 3, 12, 12)).astype(np.float32)}
     np.testing.assert_array_equal(run(pruned, feeds)[0], run(prepare(model)[0], feeds)[0])
+
+
+def test_gather_sampler_keeping_everything_is_an_exact_identity():
+    """A sampler with all channels (and the conv's own weights as 'refit') changes no output bit."""
+    model = small_cnn()
+    graph, _ = _groups(model)
+    group = sampler_group(graph, "block.conv1")
+    assert group.channels == 16 and not group.producers
+    conv = group.consumers[0].node
+    same = {"block.conv1": (np.array(conv.inputs[1].values), np.array(conv.inputs[2].values))}
+    assert insert_sampler(graph, group, np.arange(16), same) == 0
+    sampled = export(graph, model)
+    assert [n.op_type for n in sampled.graph.node].count("Gather") == 1
+    onnx.checker.check_model(sampled, full_check=True)
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 3, 12, 12)).astype(np.float32)}
+    np.testing.assert_array_equal(run(sampled, feeds)[0], run(prepare(model)[0], feeds)[0])
+
+
+def test_gather_sampler_selects_input_channels_and_leaves_the_shortcut_alone():
+    """Sampling channels S of the residual stream for block.conv1 equals zeroing its other input
+    columns; the stream itself (read by the Add and by 'down') keeps all 16 channels."""
+    model = small_cnn()
+    keep = np.array([0, 2, 3, 7, 8, 12, 13, 15])
+    graph, _ = _groups(model)
+    group = sampler_group(graph, "block.conv1")
+    assert insert_sampler(graph, group, keep) == 8
+    sampled = export(graph, model)
+    onnx.checker.check_model(sampled, full_check=True)
+    assert [i.name for i in sampled.graph.input] == ["x"] and [o.name for o in sampled.graph.output] == ["y"]
+    conv = next(n for n in sampled.graph.node if n.name == "block.conv1")
+    weight = next(t for t in sampled.graph.initializer if t.name == conv.input[1])
+    assert list(weight.dims) == [16, 8, 3, 3]
+    reference = import_graph(prepare(model)[0])
+    node = next(n for n in reference.nodes if n.name == "block.conv1")
+    zeroed = np.array(node.inputs[1].values)
+    zeroed[:, np.setdiff1d(np.arange(16), keep)] = 0
+    node.inputs[1].values = zeroed
+    feeds = {"x": np.random.default_rng(1).standard_normal((3, 3, 12, 12)).astype(np.float32)}
+    got, expected = run(sampled, feeds)[0], run(export(reference, model), feeds)[0]
+    assert got.shape == (3, 10)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    stream = next(g for g in find_groups(import_graph(sampled)) if g.name == "stem")
+    assert stream.channels == 16 and [m.node.name for m in stream.consumers] == ["down"]
 
 
 @pytest.mark.parametrize("name,prunable_at_least", [

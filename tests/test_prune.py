@@ -221,3 +221,65 @@ def test_consumer_with_too_few_rows_keeps_sliced_weights():
         sliced = _consumer_weight(fc)[:, [0, 2, 5]]              # (N, K): the initializer layout with transB=1
         assert ("fc" in unfitted) == (not refit)
         assert np.allclose(weights["fc"][0], sliced, atol=1e-6) == (not refit)
+
+
+def test_auto_meets_the_budget_and_keeps_the_best_measured_split():
+    """--method auto: every prune/low-rank split is tried; the kept one has the smallest error."""
+    from onnxopt.auto_pipeline import SHARES
+    from onnxopt.pipeline import compress
+    from onnxopt.verify import compare_outputs
+
+    model = small_cnn()
+    holdout = _data(16, seed=2)
+    result = compress(model, _data(80), holdout, CompressOptions(speedup=1.5, method="auto", rows_per_layer=2000))
+    _check_model(model, result, 1.5)
+    candidates = result.auto["candidates"]
+    assert [c["prune_share"] for c in candidates] == list(SHARES)
+    measured = [c for c in candidates if "relative_l2" in c]
+    assert len(measured) >= 3 and all(c["mac_speedup"] >= 1.5 * (1 - 1e-9) for c in measured)
+    chosen = [c for c in candidates if c.get("chosen")]
+    assert len(chosen) == 1 and chosen[0]["relative_l2"] == min(c["relative_l2"] for c in measured)
+    again = compare_outputs(model, result.model, holdout)
+    assert abs(again.relative_l2 - result.verification.relative_l2) < 1e-6
+    assert result.verification.relative_l2 == chosen[0]["relative_l2"]
+    with pytest.raises(UserError, match="data-driven"):
+        compress(model, None, None, CompressOptions(speedup=1.5, method="auto"))
+    with pytest.raises(UserError, match="out of reach"):
+        compress(model, _data(40), holdout, CompressOptions(speedup=50, method="auto", rows_per_layer=500))
+
+
+def test_sensitivity_damage_is_the_measured_output_error_of_the_group_alone():
+    """--allocation sensitivity: at grid counts, the damage is ||f_k - f||^2/||f||^2 on held-out data."""
+    from onnxopt import graph as graphs
+    from onnxopt.passes.channel_groups import apply_keep, find_groups, group_of
+    from onnxopt.prune_pipeline import GroupPlan, OutputSensitivity
+    from onnxopt.verify import compare_outputs
+
+    model = small_cnn()
+    prepared = graphs.prepare(model)[0]
+    holdout = _data(24, seed=3)
+    sensitivity = OutputSensitivity(prepared, list(holdout.batches(8)), 1)
+    plan = GroupPlan("block.conv1", 16, ["block.conv2"], 1.0, counts=[4, 8, 12, 16])
+    solutions = [(np.arange(k), None) for k in plan.counts]          # keep the first k channels, sliced
+    damages = sensitivity.damages(plan, solutions)
+    assert damages[-1] == 0.0 and all(a >= b for a, b in zip(damages, damages[1:])) and damages[0] > 0
+    graph = graphs.import_graph(prepared)
+    apply_keep(graph, group_of(find_groups(graph), "block.conv1"), np.arange(8), None)
+    alone = compare_outputs(model, graphs.export(graph, prepared), holdout, 1)
+    assert damages[1] == pytest.approx(alone.relative_l2 ** 2, rel=1e-4)
+    result = compress_prune(model, _data(80), holdout, CompressOptions(speedup=1.3, method="prune", rows_per_layer=2000,
+                                                                       allocation="sensitivity"))
+    _check_model(model, result, 1.3)
+
+
+def test_prune_selects_input_channels_of_convs_reading_the_residual_stream():
+    """At 3x the stream's consumers (block.conv1, down) are sampled through Gather; prune only."""
+    model = small_cnn()
+    result = compress_prune(model, _data(80), _data(16, seed=2), CompressOptions(speedup=3, method="prune", rows_per_layer=2000))
+    _check_model(model, result, 3)
+    sampled = [layer.name for layer in result.layers if layer.solver and "Gather sampler" in layer.solver]
+    gathers = [n for n in result.model.graph.node if n.op_type == "Gather"]
+    assert sampled and len(gathers) == len(sampled) and set(sampled) <= {"block.conv1", "down"}
+    assert result.verification.relative_l2 < 0.3
+    data_free = compress_prune(model, None, None, CompressOptions(speedup=1.5, method="filter-l1"))
+    assert not any(n.op_type == "Gather" for n in data_free.model.graph.node)
