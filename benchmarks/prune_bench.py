@@ -29,15 +29,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from imagenet_split import make_split
-from lowrank_cifar import ROOT, SHARED, latency_ratio, onnxopt, run_measured
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, evaluate, latency_ratio, machine, markdown, models, onnxopt, prepare_data, run_measured  # noqa: E402
 
 VARIANTS = {
     "prune": ["--method", "prune"],
@@ -51,38 +49,20 @@ VARIANTS = {
 DATA_FREE = {"filter-std", "filter-l1"}
 FILTERS = ["filter-std+ls", "filter-l1+ls", "filter-std", "filter-l1"]
 
-# name: (model file, preset, dataset, --speedup, variants, calibration images, eval limit)
+# model (benchmarks/common.py): (--speedup, variants, calibration images, eval limit)
 MODELS = {
-    "cifar10_resnet56": ("cifar10_resnet56.onnx", "cifar10", "cifar10", 2.0, ["prune", "prune+sens", *FILTERS], 1000, None),
-    "mobilenet_v2": ("mobilenet_v2_1.0_224.onnx", "mobilenet", "imagenet", 1.3, ["prune", "prune+sens", *FILTERS], 250, None),
-    "squeezenet1.1": ("squeezenet1.1.onnx", "imagenet", "imagenet", 1.5, ["prune", "prune+sens", "auto", *FILTERS], 250, None),
+    "cifar10_resnet56": (2.0, ["prune", "prune+sens", *FILTERS], 1000, None),
+    "mobilenet_v2": (1.3, ["prune", "prune+sens", *FILTERS], 250, None),
+    "squeezenet1.1": (1.5, ["prune", "prune+sens", "auto", *FILTERS], 250, None),
 }
-QUICK = {"cifar10_resnet20": ("cifar10_resnet20.onnx", "cifar10", "cifar10", 1.3, ["prune", "filter-l1+ls", "filter-l1"], 100, 200)}
-
-
-def datasets(dataset: str, work: Path) -> tuple[Path, Path, list[str]]:
-    """Calibration folder, evaluation folder and label arguments of `onnxopt eval`."""
-    if dataset == "cifar10":
-        return SHARED / "data/cifar10/train", SHARED / "data/cifar10/test", []
-    calib, evaluation = make_split(work / "imagenet-split", SHARED / "data/imagenet-sample")
-    return calib, evaluation, ["--labels", str(SHARED / "data/imagenet_synsets.txt")]
-
-
-def evaluate(model: Path, data: Path, preset: str, labels: list[str], offset: int, limit: int | None) -> dict:
-    args = ["eval", str(model), "--data", str(data), "--preset", preset, "--json", *labels]
-    if offset:
-        args += ["--label-offset", str(offset)]
-    if limit:
-        args += ["--limit", str(limit)]
-    return json.loads(subprocess.run(onnxopt(*args), capture_output=True, text=True, check=True).stdout)
+QUICK = {"cifar10_resnet20": (1.3, ["prune", "filter-l1+ls", "filter-l1"], 100, 200)}
 
 
 def save(path: Path, kept: list[dict], rows: list[dict], quick: bool) -> None:
     """The JSON after every row. A partial run (--models/--variants) keeps the rows of other
     (model, variant) pairs already in the file, so the benchmark can be run in parts."""
     done = {(r["model"], r["variant"]) for r in rows}
-    machine = {"cores": os.cpu_count(), "python": platform.python_version(), "cpu": platform.processor() or platform.machine()}
-    summary = {"date": time.strftime("%Y-%m-%d"), "machine": machine, "quick": quick,
+    summary = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "quick": quick,
                "rows": [r for r in kept if (r["model"], r["variant"]) not in done] + rows}
     path.write_text(json.dumps(summary, indent=2) + "\n")
 
@@ -97,30 +77,28 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true",
                         help="Evaluate models already compressed in --work (wall time: the report's total, no RSS).")
     args = parser.parse_args()
-    if not (SHARED / "models").is_dir():
-        sys.exit("benchmarks need ../shared (reference models and images next to the repository)")
     table = QUICK if args.quick else MODELS
-    models = args.models or list(table)
+    names = args.models or list(table)
+    specs = models()
+    prepare_data([specs[name] for name in names])
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
     path = args.out / ("prune_quick.json" if args.quick else "prune.json")
     kept = json.loads(path.read_text())["rows"] if (args.models or args.variants) and path.exists() else []
     rows = []
-    for model_name in models:
-        file, preset, dataset, speedup, variants, calib_size, limit = {**MODELS, **QUICK}[model_name]
+    for model_name in names:
+        spec = specs[model_name]
+        speedup, variants, calib_size, limit = {**MODELS, **QUICK}[model_name]
         variants = [v for v in variants if not args.variants or v in args.variants]
-        original = SHARED / "models" / file
-        calib, evaluation, labels = datasets(dataset, args.work)
-        offset = 1 if "mobilenet" in file else 0          # 1001 outputs, index 0 = background
-        base = evaluate(original, evaluation, preset, labels, offset, limit)
+        base = evaluate(spec.path, spec, limit)
         print(f"{model_name}: original top-1 {base['top1']:.4f} on {base['n']} images", flush=True)
         for variant in variants:
             out = args.work / f"{model_name}_{variant}_{speedup:g}x.onnx"
             report = args.work / f"{model_name}_{variant}_{speedup:g}x.json"
-            command = onnxopt("-q", "compress", str(original), "-o", str(out), "--speedup", str(speedup), "--preset", preset,
-                              "--report", str(report), *VARIANTS[variant])
+            command = onnxopt("-q", "compress", spec.path, "-o", out, "--speedup", speedup, "--preset", spec.preset,
+                              "--report", report, *VARIANTS[variant])
             if variant not in DATA_FREE:
-                command += ["--calib", str(calib), "--calib-size", str(calib_size)]
+                command += ["--calib", str(spec.calib), "--calib-size", str(calib_size)]
             if args.reuse and out.exists() and report.exists():
                 result = subprocess.CompletedProcess(command, 0)
                 wall, peak_mb = json.loads(report.read_text())["timings_s"]["total"], None
@@ -130,8 +108,8 @@ def main() -> None:
                 print(f"  {variant} failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}", flush=True)
                 continue
             data = json.loads(report.read_text())
-            accuracy = evaluate(out, evaluation, preset, labels, offset, limit)
-            latency = {batch: latency_ratio(out, original, batch) for batch in (32, 1)}
+            accuracy = evaluate(out, spec, limit)
+            latency = {batch: latency_ratio(out, spec.path, batch) for batch in (32, 1)}
             mac_ratio = data["macs_before"] / data["macs_after"]
             row = {
                 "model": model_name, "speedup_target": speedup, "variant": variant, "mac_ratio": mac_ratio,
@@ -149,14 +127,13 @@ def main() -> None:
             save(path, kept, rows, args.quick)
             print(f"  {variant:14s} top-1 {accuracy['top1']:.4f} (drop {row['top1_drop_points']:.2f}) MACs {mac_ratio:.2f}x  "
                   f"latency b32 {row['latency_speedup_b32']:.2f}x b1 {row['latency_speedup_b1']:.2f}x  {wall:.0f} s", flush=True)
-    header = "| model | target | variant | MACs ratio | top-1 | orig. | drop (pts) | ORT speed-up b1 | b32 | time (s) | peak RSS (MB) |"
     print()
-    print(header)
-    print("|---" * (header.count("|") - 1) + "|")
-    for r in json.loads(path.read_text())["rows"] if path.exists() else []:
-        print(f"| {r['model']} | {r['speedup_target']:g}x | {r['variant']} | {r['mac_ratio']:.2f} | {r['top1']:.4f} | "
-              f"{r['top1_original']:.4f} | {r['top1_drop_points']:.2f} | {r['latency_speedup_b1']:.2f} | "
-              f"{r['latency_speedup_b32']:.2f} | {r['compress_wall_s']:.0f} | {r['compress_peak_rss_mb'] or 0:.0f} |")
+    print(markdown(json.loads(path.read_text())["rows"] if path.exists() else [],
+                   [("model", "model", "s"), ("target", "speedup_target", "g"), ("variant", "variant", "s"),
+                    ("MACs ratio", "mac_ratio", ".2f"), ("top-1", "top1", ".4f"), ("orig.", "top1_original", ".4f"),
+                    ("drop (pts)", "top1_drop_points", ".2f"), ("ORT speed-up b1", "latency_speedup_b1", ".2f"),
+                    ("b32", "latency_speedup_b32", ".2f"), ("time (s)", "compress_wall_s", ".0f"),
+                    ("peak RSS (MB)", "compress_peak_rss_mb", ".0f")]))
 
 
 if __name__ == "__main__":
