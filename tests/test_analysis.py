@@ -146,3 +146,14 @@ def test_max_drop_searches_and_refuses_evaluation_data_equal_to_calibration(tmp_
     assert [round(s["speedup"], 3) for s in steps] == [1.5, 2.25]   # within the target: the search grows
     best = max((s for s in steps if s["within"]), key=lambda s: s["speedup"])
     assert json.loads(report.read_text())["mac_speedup"] == pytest.approx(best["mac_speedup"])
+
+
+def test_max_drop_without_method_uses_auto(tmp_path, small_model_file, small_model):
+    calib, evaluation = _labelled_folders(tmp_path, small_model)
+    report = tmp_path / "report.json"
+    result = onnxopt("compress", small_model_file, "-o", tmp_path / "out.onnx", "--calib", calib, "--size", "12",
+                     "--max-drop", "100", "--eval-data", evaluation, "--search-steps", "1", "--report", report)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(report.read_text())
+    assert data["method"] == "auto"
+    assert data["auto"]["candidates"], data["auto"]           # every prune/low-rank split it measured
