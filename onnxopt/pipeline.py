@@ -260,7 +260,10 @@ def choose_ranks(layers: list[Layer], candidates: list[Layer], targets: dict[str
 
 def _proportional_choice(references: list[float], layer_options: list[list[allocation.Option]], budget: float) -> list[int] | None:
     """The same fraction of each layer's reference rank (its full rank: uniform; its EVBMF
-    rank: vbmf), the largest fraction that meets ``budget`` (bisection)."""
+    rank: vbmf), the largest fraction that meets ``budget`` (bisection); then the budget that
+    the ranks' granularity leaves is filled one rank step at a time, the layer with the smallest
+    share of its reference first (layers of equal shape would otherwise all step together, and
+    miss the budget by a whole step of each)."""
     def pick(fraction: float) -> list[int]:
         chosen = []
         for reference, options in zip(references, layer_options):
@@ -279,7 +282,21 @@ def _proportional_choice(references: list[float], layer_options: list[list[alloc
     for _ in range(50):
         middle = (low + high) / 2
         low, high = (middle, high) if cost(pick(middle)) <= budget else (low, middle)
-    return pick(low)
+    choice = pick(low)
+    while True:
+        spare = budget - cost(choice)
+        steps = []
+        for i, (reference, options, k) in enumerate(zip(references, layer_options, choice)):
+            if options[k].value is None:
+                continue                                   # kept whole: nothing above
+            above = [j for j, o in enumerate(options) if o.value is not None and o.value > options[k].value]
+            up = min(above, key=lambda j: options[j].value) if above else 0     # the next rank, else keep
+            if options[up].cost - options[k].cost <= spare:
+                steps.append((options[k].value / max(reference, 1e-9), i, up))
+        if not steps:
+            return choice
+        _, i, up = min(steps)
+        choice[i] = up
 
 
 def vbmf_references(layers: list[Layer], weaken_factor: float) -> list[float]:

@@ -150,6 +150,17 @@ def test_proportional_choice_scales_every_layer_by_one_fraction_of_its_reference
     assert _proportional_choice([16.0, 64.0], layer_options, budget=4) is None   # below the smallest ranks
 
 
+def test_proportional_choice_fills_the_budget_its_rank_steps_leave():
+    """Ten equal layers at one fraction would all sit at rank 8 (cost 80 of 92): three step up to 12."""
+    from onnxopt.passes.allocation import Option
+    from onnxopt.pipeline import _proportional_choice
+
+    layer_options = [[Option(16, 0.0, None)] + [Option(r, 0.0, r) for r in (4, 8, 12)] for _ in range(10)]
+    choice = _proportional_choice([16.0] * 10, layer_options, budget=92)
+    ranks = sorted(layer_options[i][k].value for i, k in enumerate(choice))
+    assert ranks == [8] * 7 + [12] * 3
+
+
 def test_vbmf_allocation_meets_the_budget(tmp_path):
     from onnxopt.calib.readers import DataSource, InputSpec
     from onnxopt.pipeline import CompressOptions, compress
