@@ -142,7 +142,18 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
     old = json.loads(path.read_text())["rows"] if path.is_file() else []
-    rows = []
+    rows: list[dict] = []
+
+    def save() -> list[dict]:
+        """Written after every row, so an interrupted run keeps what it measured; rows of other
+        (model, budget, method) already in the JSON are kept: runs in parts accumulate."""
+        done = {(r["model"], r["budget"], r["method"]) for r in rows}
+        merged = [r for r in old if (r["model"], r["budget"], r["method"]) not in done] + rows
+        results = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "quick": args.quick,
+                   "calib_images": {"cifar": calib_size, "imagenet": 350}, "rows": merged}
+        path.write_text(json.dumps(results, indent=2) + "\n")
+        return merged
+
     for name in names:
         spec = specs[name]
         base = evaluate(spec.path, spec, limit)
@@ -151,14 +162,11 @@ def main() -> None:
             for method in methods:
                 row = run_one(spec, budget, method, calib_size if name.startswith(("cifar", "vgg")) else 350, limit, args.work, base)
                 rows.append(row)
+                save()
                 print("  " + ("  ".join(f"{h} {format(row[k], f)}" for h, k, f in COLUMNS[2:] if row.get(k) is not None)), flush=True)
-    done = {(r["model"], r["budget"], r["method"]) for r in rows}
-    rows = [r for r in old if (r["model"], r["budget"], r["method"]) not in done] + rows     # runs in parts accumulate
-    results = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "quick": args.quick,
-               "calib_images": {"cifar": calib_size, "imagenet": 350}, "rows": rows}
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    plot(rows, path.with_suffix(".png"))
-    table = markdown(rows, COLUMNS)
+    merged = save()
+    plot(merged, path.with_suffix(".png"))
+    table = markdown(merged, COLUMNS)
     path.with_suffix(".md").write_text(table + "\n")
     print()
     print(table)
