@@ -431,7 +431,8 @@ def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike, external_
 
     With ``external_data`` (forced for models over 2 GiB) the weights larger than
     ``size_threshold`` bytes go to one ``<name>.data`` file beside the model; the data file is
-    moved into place before the model, so a reader never sees a model without its data.
+    moved into place before the model, so a reader never sees a model without its data; if the
+    model's rename fails or is interrupted, the data file is put back as it was.
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
@@ -440,6 +441,8 @@ def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike, external_
     if not os.access(folder, os.W_OK):
         raise UserError(f"{folder}: output folder is not writable; choose another -o path")
     scratch = Path(tempfile.mkdtemp(prefix="." + path.name + ".", dir=folder))
+    data, previous = folder / (path.name + ".data"), scratch / "previous.data"
+    published = False
     try:
         staged = scratch / path.name
         if external_data or is_large(model):
@@ -447,11 +450,22 @@ def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike, external_
             copy.CopyFrom(model)
             onnx.save_model(copy, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=path.name + ".data", size_threshold=size_threshold)
-            if (scratch / (path.name + ".data")).exists():
-                os.replace(scratch / (path.name + ".data"), folder / (path.name + ".data"))
+            if (scratch / data.name).exists():
+                if data.exists():
+                    os.replace(data, previous)          # kept until the model is in place
+                os.replace(scratch / data.name, data)
+                published = True
         else:
             staged.write_bytes(model.SerializeToString())
         os.replace(staged, path)
+        published = False
+    except BaseException:                               # Ctrl-C between the renames: the data goes back
+        if published:
+            if previous.exists():
+                os.replace(previous, data)
+            else:
+                data.unlink(missing_ok=True)
+        raise
     finally:
         for leftover in scratch.iterdir():
             leftover.unlink()

@@ -204,23 +204,25 @@ def slow(original):
 if target == "solve":
     import onnxopt.passes.lowrank as module
     module.solve = slow(module.solve)
-else:                       # the rename that publishes the written model
+else:                       # the rename that publishes the written model (its data file is moved first)
     import onnxopt.graph as module
-    module.os.replace = slow(module.os.replace)
+    rename = module.os.replace
+    slowed = slow(rename)
+    module.os.replace = lambda a, b: slowed(a, b) if str(b).endswith(".onnx") else rename(a, b)
 from onnxopt.cli import main
 sys.argv = ["onnxopt", *sys.argv[3:]]
 main()
 """
 
 
-@pytest.mark.parametrize("step", ["solve", "write"])
-def test_ctrl_c_leaves_nothing_behind(tmp_path, small_model_file, small_calib_file, step):
+@pytest.mark.parametrize("step, options", [("solve", []), ("write", []), ("write", ["--external-data"])])
+def test_ctrl_c_leaves_nothing_behind(tmp_path, small_model_file, small_calib_file, step, options):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     marker = tmp_path / "in-slow-step"
     process = subprocess.Popen(
         [sys.executable, "-c", SLOW_STEP, marker, step, "-q", "compress", small_model_file, "-o", out_dir / "o.onnx",
-         "--speedup", "1.5", "--calib", small_calib_file, "--calib-size", "32"],
+         "--speedup", "1.5", "--calib", small_calib_file, "--calib-size", "32", *options],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         # A job started in the background inherits SIGINT ignored; a user's terminal does not.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
