@@ -315,15 +315,10 @@ class OutputSensitivity:
 
     GRID = 4
 
-    def __init__(self, prepared: onnx.ModelProto, batches: list[dict[str, np.ndarray]], threads: int, metric: str = "auto"):
+    def __init__(self, prepared: onnx.ModelProto, batches: list[dict[str, np.ndarray]], threads: int):
         self.prepared = prepared
         self.runner = CutRunner(batches, threads)
         self.reference = OutputReference(self.runner, prepared, None)
-        if metric == "auto":
-            metric = "kl" if self.reference.classifier else "error"
-        if metric == "top1_drop" or (metric == "kl" and not self.reference.classifier):
-            raise UserError(f"pruning's sensitivity cannot measure {metric} here (no labels, or not a classifier); use error")
-        self.metric = metric
         self.base = graphs.import_graph(prepared)
 
     def damages(self, plan: GroupPlan, solutions: list[tuple[np.ndarray, dict | None]]) -> list[float]:
@@ -338,7 +333,7 @@ class OutputSensitivity:
             graph = graphs.import_graph(self.prepared)
             keep, weights = solutions[i]
             _apply(plan, graph, _group(plan, graph), keep, weights)
-            measured.append(self.reference.damages(self.runner, graphs.export(graph, self.prepared))[self.metric])
+            measured.append(self.reference.damages(self.runner, graphs.export(graph, self.prepared))["error"])
         measured = np.maximum.accumulate(np.asarray(measured)[::-1])[::-1]      # monotone in the count
         counts = [plan.counts[i] for i in picks] + [plan.channels]
         return [float(d) for d in np.interp(plan.counts, counts, [*measured, 0.0])]
@@ -543,7 +538,7 @@ def compress_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Da
     sensitivity = None
     if data and options.allocation == "sensitivity":
         held_out = holdout if holdout is not None and len(holdout) else calib.subset(range(min(128, len(calib))))
-        sensitivity = OutputSensitivity(prepared, list(held_out.batches(batch)), options.threads, options.sensitivity_metric)
+        sensitivity = OutputSensitivity(prepared, list(held_out.batches(batch)), options.threads)
     for number, plan in enumerate(plans, 1):
         group = _group(plan, graph, groups)
         if not data:
