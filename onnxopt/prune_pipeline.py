@@ -306,7 +306,9 @@ class OutputSensitivity:
     As ``onnxopt.sensitivity`` does for low-rank (Niu et al., ALGORITHMS.md §4): prune ONE
     group alone (selection + refit on the original model's statistics) at ``GRID`` keep
     counts, run the part of the ORIGINAL model after the group's producer on held-out samples,
-    and take ``sum ||f_g,k(x) - f(x)||^2 / sum ||f(x)||^2`` (``OutputReference``'s ``error``). Counts between grid points are
+    and take ``sum ||f_g,k(x) - f(x)||^2 / sum ||f(x)||^2`` (``OutputReference``'s ``error``;
+    not the KL divergence low-rank defaults to: for pruning it measured worse, ResNet-56 at 2x
+    80.42% against 80.73% top-1). Counts between grid points are
     interpolated; the damage is made monotone (never larger when more channels are kept). It
     replaces the consumers' local reconstruction error, which misjudges how much a layer
     matters to the output (an early layer's error grows through the network; a branch's may
