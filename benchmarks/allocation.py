@@ -133,12 +133,15 @@ def main() -> None:
     path = args.out / ("allocation_quick.json" if args.quick else "allocation.json")
     results = json.loads(path.read_text()) if path.is_file() else {"allocation": [], "max_drop": [], "analyze": []}
     results.update(date=time.strftime("%Y-%m-%d"), machine=machine(), quick=args.quick)   # parts not run are kept
+    earlier = results.get("allocation", [])
     results.update({part.replace("-", "_"): [] for part in args.parts})
     if "allocation" in args.parts:
         for name, speedup in plan["allocation"]:
             calib = calib_size if name.startswith("cifar") else 350
             results["allocation"] += allocation_rows(specs[name], speedup, args.allocations if not args.quick else ALLOCATIONS[:3],
                                                      calib, limit, args.work, base(name))
+        done = {(r["model"], r["allocation"]) for r in results["allocation"]}     # --allocations subsets accumulate
+        results["allocation"] = [r for r in earlier if (r["model"], r["allocation"]) not in done] + results["allocation"]
     if "max-drop" in args.parts:
         for name in plan["max-drop"]:
             calib = calib_size if name.startswith("cifar") else 350
