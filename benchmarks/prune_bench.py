@@ -51,7 +51,7 @@ FILTERS = ["filter-std+ls", "filter-l1+ls", "filter-std", "filter-l1"]
 
 # model (benchmarks/common.py): (--speedup, variants, calibration images, eval limit)
 MODELS = {
-    "cifar10_resnet56": (2.0, ["prune", "prune+sens", *FILTERS], 1000, None),
+    "cifar10_resnet56": (2.0, ["prune", "prune+sens", "auto", *FILTERS], 1000, None),
     "mobilenet_v2": (1.3, ["prune", "prune+sens", *FILTERS], 250, None),
     "squeezenet1.1": (1.5, ["prune", "prune+sens", "auto", *FILTERS], 250, None),
 }
