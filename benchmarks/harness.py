@@ -88,11 +88,11 @@ def plot(rows: list[dict], path: Path) -> None:
     names = list(dict.fromkeys(r["model"] for r in rows))
     figure, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4.2), squeeze=False)
     for axis, name in zip(axes[0], names):
-        for method in METHODS:
+        for index, method in enumerate(METHODS):        # one colour per method in every panel
             points = sorted((r["latency_speedup_b32"], r["top1_drop"]) for r in rows
                             if r["model"] == name and r["method"] == method and "top1_drop" in r)
             if points:
-                axis.plot(*zip(*points), marker="o", ls="--" if method in BASELINES else "-", label=method)
+                axis.plot(*zip(*points), marker="o", ls="--" if method in BASELINES else "-", color=f"C{index % 10}", label=method)
         axis.axvline(1.0, color="grey", lw=0.5)
         axis.set_title(name)
         axis.set_xlabel("measured onnxruntime speed-up (batch 32, 1 thread)")
