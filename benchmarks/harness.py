@@ -3,7 +3,8 @@
 For each model and each `--speedup` budget, `onnxopt compress` runs (each in its own process,
 so wall time and peak RSS are its own) with onnxopt's methods and with plain baselines:
 
-  onnxopt    auto (prune then low-rank, the split measured), lowrank (Zhang et al., energy
+  onnxopt    auto (prune then low-rank, the split measured, both with sensitivity
+             allocation: onnxopt's best), lowrank (Zhang et al., energy
              allocation), lowrank-sens (measured sensitivity allocation, Niu et al.), prune
              (He et al.), tucker2 (MUSCO, EVBMF ranks, least-squares refit)
   baselines  svd (data-free truncated SVD of the weights, Jaderberg/Denton), uniform (Zhang's
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, evaluate, latency_ratio, machine, markdown, models, onnxopt, prepare_data, run_measured  # noqa: E402
 
 METHODS = {
-    "auto": ["--method", "auto"],
+    "auto": ["--method", "auto", "--allocation", "sensitivity"],
     "lowrank": [],
     "lowrank-sens": ["--allocation", "sensitivity"],
     "prune": ["--method", "prune"],
