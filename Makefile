@@ -57,7 +57,7 @@ arm-check: install
 	tools/arm_check/arm_check.sh $(ARM_MODEL)
 
 # Retrain the project's own models (PyTorch in a separate venv; CPU, one thread, seed 0).
-# The VGG-16 needs ../shared/data/cifar10; about 90 minutes on 2 cores.
+# The VGG-16 needs ../shared/data/cifar10; about 100 minutes on 2 cores.
 MODELS_VENV := .venv-models
 models:
 	command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get install -y dataset-fashion-mnist || true
@@ -67,3 +67,5 @@ models:
 	nice -n 19 $(MODELS_VENV)/bin/python models/train_vgg16_cifar.py
 	nice -n 19 $(MODELS_VENV)/bin/python models/train_vgg16_cifar.py --init .cache/vgg16_cifar10_w0.25.pt --schedule cosine \
 	    --lr 0.004 --epochs 4 --seed 1 --append-log --checkpoint .cache/vgg16_cifar10_w0.25_ft.pt
+	nice -n 19 $(MODELS_VENV)/bin/python models/train_vgg16_cifar.py --init models/vgg16_cifar10.onnx --schedule cosine \
+	    --lr 0.004 --epochs 4 --seed 2 --append-log --checkpoint .cache/vgg16_cifar10_w0.25_ft2.pt

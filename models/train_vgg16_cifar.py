@@ -77,6 +77,25 @@ def build_model(width, num_classes=10):
     return nn.Sequential(*layers)
 
 
+def load_init(path, model):
+    """State dict from a .pt file, or from an ONNX file exported by this script: torch.onnx keeps the
+    parameter and BN-buffer names as initializer names; only BN's ``num_batches_tracked`` counters
+    are not exported (kept at their current value, they do not affect training with momentum)."""
+    import torch
+
+    if not path.endswith(".onnx"):
+        return torch.load(path, map_location="cpu")
+    import onnx
+    from onnx import numpy_helper
+
+    weights = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in onnx.load(path).graph.initializer}
+    state = model.state_dict()
+    missing = [k for k in state if k not in weights and not k.endswith("num_batches_tracked")]
+    if missing:
+        raise SystemExit(f"{path} lacks weights {missing[:3]}...: not a VGG-16 of this width exported by this script")
+    return {k: weights.get(k, v) for k, v in state.items()}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-root", default=os.path.join(os.path.dirname(ROOT), "shared", "data", "cifar10"))  # ../shared
@@ -93,7 +112,8 @@ def main():
     ap.add_argument("--onnx", default=os.path.join(HERE, "vgg16_cifar10.onnx"))
     ap.add_argument("--log", default=os.path.join(HERE, "vgg16_cifar10_train_log.csv"))
     ap.add_argument("--init", default=None,
-                    help="start from this state_dict (second, fine-tuning phase) instead of random weights")
+                    help="start from these weights instead of random ones (a fine-tuning phase): a torch "
+                         "state_dict (.pt) or an ONNX file this script exported (.onnx, initializers by name)")
     ap.add_argument("--schedule", choices=["onecycle", "cosine"], default="onecycle",
                     help="onecycle: warm-up to --lr then anneal; cosine: anneal from --lr to 0 (for --init)")
     ap.add_argument("--append-log", action="store_true",
@@ -113,7 +133,7 @@ def main():
     cl = torch.channels_last  # NHWC: ~2.5x faster CPU training than NCHW
     model = build_model(args.width).to(memory_format=cl)
     if args.init:
-        model.load_state_dict(torch.load(args.init, map_location="cpu"))
+        model.load_state_dict(load_init(args.init, model))
         print("initialised from", args.init, flush=True)
     nparams = sum(p.numel() for p in model.parameters())
     print("VGG-16 width %.3g: %d parameters" % (args.width, nparams), flush=True)
