@@ -412,11 +412,12 @@ def _sampler_plans(group: ChannelGroup, layers: dict[str, Layer], exclude: list[
     return plans
 
 
-def _exact_macs(graph: gs.Graph, layers: list[Layer], plans: list[GroupPlan], counts: list[int]) -> int:
+def _exact_macs(graph: gs.Graph, layers: list[Layer], plans: list[GroupPlan], counts: list[int],
+                groups: list[ChannelGroup] | None = None) -> int:
     """Model MACs if each plan keeps ``counts`` channels (bilinear per layer)."""
     out_ratio = {layer.name: 1.0 for layer in layers}
     in_removed = {layer.name: 0 for layer in layers}
-    groups = find_groups(graph)
+    groups = find_groups(graph) if groups is None else groups
     for plan, count in zip(plans, counts):
         group = _group(plan, graph, groups)
         for member in group.producers:
@@ -434,22 +435,56 @@ def _exact_macs(graph: gs.Graph, layers: list[Layer], plans: list[GroupPlan], co
 
 
 def allocate_counts(graph: gs.Graph, layers: list[Layer], plans: list[GroupPlan], target: float) -> list[int] | None:
-    """Keep counts meeting ``target`` MACs exactly, from the knapsack on linearised costs."""
+    """Keep counts meeting ``target`` MACs exactly, from the knapsack on linearised costs.
+
+    The knapsack prices a channel of a group at its MACs in every member alone, which
+    overstates what two pruned neighbours save together (a conv whose inputs AND outputs shrink
+    loses ``M (1 - o/O)(1 - i/I)`` less than the sum). So its budget is corrected by the exact
+    overshoot a few times; whatever overshoot is left (the knapsack's cost bins can be coarser
+    than the last few thousand MACs) is removed by ``_step_down``.
+    """
     macs_before = model_macs(layers)
     removable = sum(p.channels * p.macs_per_channel for p in plans)
     budget = target - (macs_before - removable)
+    groups = find_groups(graph)
+    counts = None
     for _ in range(12):
         options = [[allocation.Option(cost=k * p.macs_per_channel, damage=d, value=k) for k, d in zip(p.counts, p.damages)]
                    for p in plans]
         choice = allocation.allocate(options, budget)
         if choice is None:
-            return None
+            break
         counts = [p.counts[k] for p, k in zip(plans, choice)]
-        exact = _exact_macs(graph, layers, plans, counts)
+        exact = _exact_macs(graph, layers, plans, counts, groups)
         if exact <= target:
             return counts
         budget -= (exact - target) * 1.05 + 1
-    return None
+    return None if counts is None else _step_down(graph, layers, plans, counts, target, groups)
+
+
+def _step_down(graph: gs.Graph, layers: list[Layer], plans: list[GroupPlan], counts: list[int], target: float,
+               groups: list[ChannelGroup]) -> list[int] | None:
+    """Greedy repair of an allocation over ``target``: lower one plan by one count step at a
+    time, the step with the least damage added per exact MAC saved, until the target is met."""
+    index = [p.counts.index(c) for p, c in zip(plans, counts)]
+    exact = _exact_macs(graph, layers, plans, counts, groups)
+    while exact > target:
+        best = None
+        for i, plan in enumerate(plans):
+            if index[i] == 0:
+                continue
+            trial = counts[:i] + [plan.counts[index[i] - 1]] + counts[i + 1:]
+            saved = exact - _exact_macs(graph, layers, plans, trial, groups)
+            if saved <= 0:
+                continue
+            price = (plan.damages[index[i] - 1] - plan.damages[index[i]]) / saved
+            if best is None or price < best[0]:
+                best = (price, i, trial, exact - saved)
+        if best is None:
+            return None
+        _, i, counts, exact = best
+        index[i] -= 1
+    return counts
 
 
 # ---------------------------------------------------------------------------- pipeline
