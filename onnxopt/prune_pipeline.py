@@ -465,24 +465,25 @@ def allocate_counts(graph: gs.Graph, layers: list[Layer], plans: list[GroupPlan]
 def _step_down(graph: gs.Graph, layers: list[Layer], plans: list[GroupPlan], counts: list[int], target: float,
                groups: list[ChannelGroup]) -> list[int] | None:
     """Greedy repair of an allocation over ``target``: lower one plan by one count step at a
-    time, the step with the least damage added per exact MAC saved, until the target is met."""
+    time until the target is met. A step that closes the remaining gap alone is taken with
+    the least damage added; otherwise the step with the least damage per exact MAC saved."""
     index = [p.counts.index(c) for p, c in zip(plans, counts)]
     exact = _exact_macs(graph, layers, plans, counts, groups)
     while exact > target:
-        best = None
+        steps = []                      # (damage added, MACs saved, plan index, counts after)
         for i, plan in enumerate(plans):
             if index[i] == 0:
                 continue
             trial = counts[:i] + [plan.counts[index[i] - 1]] + counts[i + 1:]
             saved = exact - _exact_macs(graph, layers, plans, trial, groups)
-            if saved <= 0:
-                continue
-            price = (plan.damages[index[i] - 1] - plan.damages[index[i]]) / saved
-            if best is None or price < best[0]:
-                best = (price, i, trial, exact - saved)
-        if best is None:
+            if saved > 0:
+                steps.append((plan.damages[index[i] - 1] - plan.damages[index[i]], saved, i, trial))
+        if not steps:
             return None
-        _, i, counts, exact = best
+        closing = [step for step in steps if exact - step[1] <= target]
+        added, saved, i, counts = (min(closing, key=lambda step: step[0]) if closing
+                                   else min(steps, key=lambda step: step[0] / step[1]))
+        exact -= saved
         index[i] -= 1
     return counts
 

@@ -288,7 +288,8 @@ def test_prune_selects_input_channels_of_convs_reading_the_residual_stream():
 def test_allocation_meets_every_reachable_target_exactly():
     """The knapsack prices channels linearly, exact MACs are bilinear (VGG-16: every conv loses
     inputs and outputs). Its budget correction alone once stopped a few thousand MACs over the
-    target and refused ``--speedup 4`` as out of reach; every reachable target must be met."""
+    target and refused ``--speedup 4`` as out of reach; every reachable target must be met,
+    without stepping far past it (which costs accuracy for nothing)."""
     from pathlib import Path
 
     from onnxopt import graph as graphs
@@ -309,4 +310,5 @@ def test_allocation_meets_every_reachable_target_exactly():
     for speedup in np.linspace(1.2, 0.97 * macs / floor, 40):
         counts = allocate_counts(graph, layer_list, plans, macs / speedup)
         assert counts is not None, f"--speedup {speedup:.3f} refused"
-        assert _exact_macs(graph, layer_list, plans, counts) <= macs / speedup
+        # met, and not overshot: the repair's last step closes the gap at the least damage
+        assert 0.975 <= _exact_macs(graph, layer_list, plans, counts) / (macs / speedup) <= 1
