@@ -481,8 +481,8 @@ def _step_down(graph: gs.Graph, layers: list[Layer], plans: list[GroupPlan], cou
         if not steps:
             return None
         closing = [step for step in steps if exact - step[1] <= target]
-        added, saved, i, counts = (min(closing, key=lambda step: step[0]) if closing
-                                   else min(steps, key=lambda step: step[0] / step[1]))
+        _, saved, i, counts = (min(closing, key=lambda step: step[0]) if closing
+                              else min(steps, key=lambda step: step[0] / step[1]))
         exact -= saved
         index[i] -= 1
     return counts
