@@ -446,11 +446,11 @@ def allocate_counts(graph: gs.Graph, layers: list[Layer], plans: list[GroupPlan]
     macs_before = model_macs(layers)
     removable = sum(p.channels * p.macs_per_channel for p in plans)
     budget = target - (macs_before - removable)
+    options = [[allocation.Option(cost=k * p.macs_per_channel, damage=d, value=k) for k, d in zip(p.counts, p.damages)]
+               for p in plans]
     groups = find_groups(graph)
     counts = None
     for _ in range(12):
-        options = [[allocation.Option(cost=k * p.macs_per_channel, damage=d, value=k) for k, d in zip(p.counts, p.damages)]
-                   for p in plans]
         choice = allocation.allocate(options, budget)
         if choice is None:
             break

@@ -4,6 +4,7 @@ ranking, and the pipeline end to end (small model; ResNet-20 from ../shared)."""
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -11,11 +12,13 @@ import pytest
 from sklearn.linear_model import Lasso
 
 from conftest import run, shared_path, small_cnn
+from onnxopt import graph as graphs
 from onnxopt.calib.readers import DataSource, InputSpec
 from onnxopt.errors import UserError
+from onnxopt.layers import find_layers, model_macs
 from onnxopt.passes import prune
 from onnxopt.pipeline import CompressOptions
-from onnxopt.prune_pipeline import compress_prune
+from onnxopt.prune_pipeline import _exact_macs, allocate_counts, compress_prune, plan_groups
 
 
 def _stats(x: np.ndarray, y: np.ndarray) -> prune.LinearStats:
@@ -250,7 +253,6 @@ def test_auto_meets_the_budget_and_keeps_the_best_measured_split():
 
 def test_sensitivity_damage_is_the_measured_output_error_of_the_group_alone():
     """--allocation sensitivity: at grid counts, the damage is ||f_k - f||^2/||f||^2 on held-out data."""
-    from onnxopt import graph as graphs
     from onnxopt.passes.channel_groups import apply_keep, find_groups, group_of
     from onnxopt.prune_pipeline import GroupPlan, OutputSensitivity
     from onnxopt.verify import compare_outputs
@@ -290,12 +292,6 @@ def test_allocation_meets_every_reachable_target_exactly():
     inputs and outputs). Its budget correction alone once stopped a few thousand MACs over the
     target and refused ``--speedup 4`` as out of reach; every reachable target must be met,
     without stepping far past it (which costs accuracy for nothing)."""
-    from pathlib import Path
-
-    from onnxopt import graph as graphs
-    from onnxopt.layers import find_layers, model_macs
-    from onnxopt.prune_pipeline import _exact_macs, allocate_counts, plan_groups
-
     model = onnx.load(Path(__file__).resolve().parents[1] / "models" / "vgg16_cifar10.onnx")
     prepared, _ = graphs.prepare(model, {"input": (3, 32, 32)})
     graph = graphs.import_graph(prepared)
