@@ -1,38 +1,57 @@
-"""`onnxopt compress --method auto`: channel pruning, then low-rank factorisation of what remains.
+"""`onnxopt compress --method auto`: channel pruning and low-rank factorisation under one budget.
 
 In the spirit of He et al.'s "3C" (ALGORITHMS.md §2: pruning + factorisation combined), under
-ONE ``--speedup`` budget ``s`` on MACs. The split of ``s`` between the two is chosen by
-measurement, not by a rule:
+ONE ``--speedup`` budget ``s`` on MACs. Candidates are built, each meeting ``s``, and the one
+that moves the model's outputs least is kept:
 
-1. For each prune share ``f`` in ``SHARES`` (0, 1/3, 1/2, 2/3, 1), prune channels to
-   ``s_p = s^f`` times fewer MACs (``prune_pipeline.compress_prune``, He et al. LASSO + least
-   squares), then factorise the pruned model (``pipeline.compress``, method lowrank, Zhang et
-   al.) by ``s_l = MACs_pruned / (MACs_orig / s)``, so the candidate meets ``s`` exactly as
-   each pass meets its own budget. ``f = 0`` is low-rank alone, ``f = 1`` pruning alone.
-2. Measure each candidate's output on the held-out calibration samples against the ORIGINAL
+1. Global splits. For each prune share ``f`` in ``SHARES`` (0, 1/3, 1/2, 2/3, 1), prune
+   channels to ``s_p = s^f`` times fewer MACs (``prune_pipeline.compress_prune``, He et al.
+   LASSO + least squares), then factorise the pruned model (``pipeline.compress``, method
+   lowrank, Zhang et al.) by ``s_l = MACs_pruned / (MACs_orig / s)``. ``f = 0`` is low-rank
+   alone, ``f = 1`` pruning alone. The pruning analysis of the original model (groups, damage
+   at every keep count) does not depend on ``s_p`` and is made once.
+2. Per-layer choice (``per_layer_choice``). Every prunable group ``g`` offers keep counts
+   ``k`` and every factorisable layer ``l`` ranks ``r``, each priced by the same measured
+   damage: the relative squared output error of the model with that group pruned alone
+   (``prune_pipeline.OutputSensitivity``) or that layer factorised alone
+   (``onnxopt.sensitivity``, Niu et al. 2017), on the same held-out samples. One
+   multiple-choice knapsack over groups AND layers (``passes.allocation``; damages additive
+   as in Niu et al.) then decides, per group and per layer, whether and how much to prune or
+   to factorise, under the MAC budget. A layer may be both (pruned, then factorised at a
+   rank): the knapsack prices the two savings as if they added up, which overstates them
+   (``M (1 - i/I)(1 - o/O)``-type overlap), so its budget is corrected a few times by the
+   MACs of the choice on the pruned shapes. The chosen groups are pruned to their counts,
+   then the chosen layers, only they, are factorised by the low-rank pass to meet ``s``
+   exactly (its own allocation, on the pruned model).
+3. Measure each candidate's output on the held-out calibration samples against the ORIGINAL
    model: relative L2 error ``||z_orig - z_cand|| / ||z_orig||`` of the outputs
    (``verify.compare_outputs``; without a holdout, on the first 128 calibration samples).
-3. Keep the candidate with the smallest error and report every split (``auto`` in the JSON).
+   Keep the candidate with the smallest error and report every one (``auto`` in the JSON).
 
 A candidate whose pass cannot reach its part of the budget (the pass raises "out of reach")
-is recorded with the reason and skipped. This is a global split, not a per-layer choice
-between pruning and factorising: each pass allocates its own layers under its share.
+is recorded with the reason and skipped.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import time
+from collections.abc import Callable
 
+import numpy as np
 import onnx
 
+from onnxopt import graph as graphs
 from onnxopt.calib.readers import DataSource
 from onnxopt.errors import UserError
+from onnxopt.passes import allocation, lowrank
 from onnxopt.pipeline import CompressionResult, CompressOptions, LayerResult, Progress
 from onnxopt.verify import compare_outputs
 
 SHARES = (0.0, 1 / 3, 1 / 2, 2 / 3, 1.0)     # exponent f of the prune speed-up s^f
 MIN_STAGE_SPEEDUP = 1.01                      # a pass asked for less than this is not run
+BUDGET_CORRECTIONS = 12                       # per-layer choice: budget lowered by the overshoot at most this often
 
 
 def _merge_layers(pruned: CompressionResult, factorised: CompressionResult) -> list[LayerResult]:
@@ -54,26 +73,21 @@ def _merge_layers(pruned: CompressionResult, factorised: CompressionResult) -> l
     return merged
 
 
-def _candidate(model: onnx.ModelProto, calib: DataSource, holdout: DataSource | None, options: CompressOptions,
-               share: float, progress: Progress | None) -> CompressionResult:
-    """Prune by ``s^share``, then factorise to the full budget ``s``."""
+def _prune_then_factorise(model: onnx.ModelProto, calib: DataSource, holdout: DataSource | None, options: CompressOptions,
+                          prune: Callable[[], CompressionResult] | None, exclude: list[str],
+                          progress: Progress | None) -> CompressionResult:
+    """Run ``prune`` (None: nothing to prune), then factorise to the full budget ``s`` with
+    ``exclude`` left alone by the low-rank pass."""
     from onnxopt.pipeline import compress
-    from onnxopt.prune_pipeline import compress_prune
 
-    speedup = options.speedup
-    prune_speedup = speedup ** share
-    pruned = None
-    if prune_speedup >= MIN_STAGE_SPEEDUP:
-        pruned = compress_prune(model, calib, holdout, dataclasses.replace(options, method="prune", speedup=prune_speedup), progress)
-        if share == 1.0:
-            return pruned
+    pruned = prune() if prune is not None else None
+    if pruned is not None:
         model = pruned.model
-    macs_before = pruned.macs_before if pruned else None
-    macs_now = pruned.macs_after if pruned else None
-    lowrank_speedup = speedup if pruned is None else macs_now / (macs_before / speedup)
-    if lowrank_speedup < MIN_STAGE_SPEEDUP:
+    lowrank_speedup = options.speedup if pruned is None else pruned.macs_after / (pruned.macs_before / options.speedup)
+    if pruned is not None and lowrank_speedup < MIN_STAGE_SPEEDUP:
         return pruned
-    factorised = compress(model, calib, holdout, dataclasses.replace(options, method="lowrank", speedup=lowrank_speedup), progress)
+    factorised = compress(model, calib, holdout, dataclasses.replace(options, method="lowrank", speedup=lowrank_speedup,
+                                                                     exclude=exclude), progress)
     if pruned is None:
         return factorised
     return dataclasses.replace(
@@ -84,23 +98,162 @@ def _candidate(model: onnx.ModelProto, calib: DataSource, holdout: DataSource | 
     )
 
 
+@dataclasses.dataclass
+class PerLayerChoice:
+    """``per_layer_choice``'s answer: keep counts for the prune analysis' plans, ranks by layer."""
+
+    counts: list[int]
+    ranks: dict[str, int]                 # layers to factorise (the rank the knapsack priced)
+    pruned_macs: int                      # exact MACs after pruning to ``counts``
+    predicted_macs: float                 # after pruning and factorising, on the pruned shapes
+    predicted_damage: float               # sum of the measured damages of the choice
+
+
+def _macs_after(analysis, counts: list[int], ranks: dict[str, int]) -> tuple[int, float]:
+    """Exact MACs after pruning to ``counts``, and after also factorising ``ranks`` on the
+    pruned shapes (``r (I' kh kw + O') HW``, never more than the pruned layer)."""
+    from onnxopt.prune_pipeline import kept_fractions
+
+    graph = graphs.import_graph(analysis.prepared)
+    out_kept, in_kept = kept_fractions(graph, analysis.layer_list, analysis.plans, counts)
+    pruned = both = 0.0
+    for layer in analysis.layer_list:
+        kept = in_kept[layer.name] if layer.is_depthwise else out_kept[layer.name] * in_kept[layer.name]
+        macs = (layer.macs or 0) * kept
+        pruned += macs
+        rank = ranks.get(layer.name)
+        if rank:
+            kh, kw = layer.kernel
+            spatial = int(np.prod(layer.output_hw)) if layer.op == "Conv" else 1
+            macs = min(macs, spatial * rank * (layer.in_channels * in_kept[layer.name] * kh * kw
+                                               + layer.out_channels * out_kept[layer.name]))
+        both += macs
+    return int(round(pruned)), both
+
+
+def per_layer_choice(analysis, candidates, lowrank_analysis, rank_multiple: int, speedup: float) -> PerLayerChoice:
+    """Per group a keep count and per layer a rank, from ONE knapsack on measured output error
+    (module docstring, step 2). ``analysis``: ``prune_pipeline.analyze_prune`` with output-measured
+    damages; ``lowrank_analysis``: ``onnxopt.sensitivity`` curves of ``candidates``."""
+    from onnxopt.pipeline import rank_grid
+    from onnxopt.sensitivity import measured_options
+
+    prune_options = [[allocation.Option(k * p.macs_per_channel, d, k) for k, d in zip(p.counts, p.damages)]
+                     for p in analysis.plans]
+    rank_options = [[allocation.Option(layer.macs, 0.0, None)]
+                    + [allocation.Option(lowrank.decomposed_macs(layer, r), 0.0, r) for r in rank_grid(layer, rank_multiple)]
+                    for layer in candidates]
+    rank_options = measured_options(rank_options, candidates, lowrank_analysis, "error")
+    options = prune_options + rank_options
+    # MACs ~ fixed + sum of the chosen costs, with every group and candidate layer counted as removable
+    fixed = (analysis.macs_before - sum(p.channels * p.macs_per_channel for p in analysis.plans)
+             - sum(layer.macs for layer in candidates))
+    target = analysis.macs_before / speedup
+    budget = target - fixed
+    best = None
+    for _ in range(BUDGET_CORRECTIONS):
+        picked = allocation.allocate(options, budget)
+        if picked is None:
+            break
+        counts = [opts[k].value for opts, k in zip(prune_options, picked)]
+        ranks = {layer.name: opts[k].value for layer, opts, k in zip(candidates, rank_options, picked[len(prune_options):])
+                 if opts[k].value is not None}
+        pruned, both = _macs_after(analysis, counts, ranks)
+        best = PerLayerChoice(counts, ranks, pruned, both, float(sum(opts[k].damage for opts, k in zip(options, picked))))
+        if both <= target:
+            break
+        budget -= (both - target) * 1.05 + 1
+    if best is None:
+        raise UserError(f"--speedup {speedup:g} is out of reach for pruning and low-rank chosen per layer")
+    return best
+
+
+class _Analyses:
+    """The original model's analyses, each made once and shared by the candidates."""
+
+    def __init__(self, model: onnx.ModelProto, calib: DataSource, measure_on: DataSource, options: CompressOptions):
+        self.model, self.calib, self.measure_on, self.options = model, calib, measure_on, options
+        self._prune: dict[str, object] = {}
+
+    def prune(self, allocation_kind: str, progress: Progress | None):
+        from onnxopt.prune_pipeline import analyze_prune
+
+        if allocation_kind not in self._prune:
+            options = dataclasses.replace(self.options, method="prune", allocation=allocation_kind)
+            self._prune[allocation_kind] = analyze_prune(self.model, self.calib, self.measure_on, options, progress)
+        return self._prune[allocation_kind]
+
+    def lowrank(self, progress: Progress | None):
+        from onnxopt.pipeline import layer_sensitivity, plan
+
+        model_plan = plan(self.model, self.options.exclude, self.calib.sample_shapes())
+        options = dataclasses.replace(self.options, method="lowrank", allocation="sensitivity")
+        return model_plan, layer_sensitivity(self.model, model_plan, self.calib, self.measure_on, options, progress=progress)
+
+
+def _split_candidate(analyses: _Analyses, options: CompressOptions, share: float,
+                     progress: Progress | None) -> tuple[CompressionResult, dict]:
+    """Prune by ``s^share``, then factorise to the full budget ``s``."""
+    from onnxopt.prune_pipeline import compress_prune
+
+    prune_speedup = options.speedup ** share
+    prune = None
+    if prune_speedup >= MIN_STAGE_SPEEDUP:
+        prune_options = dataclasses.replace(options, method="prune", speedup=prune_speedup)
+        prune = lambda: compress_prune(analyses.model, analyses.calib, analyses.measure_on, prune_options,  # noqa: E731
+                                       progress, analysis=analyses.prune(options.allocation, progress))
+        if share == 1.0:
+            return prune(), {}
+    return _prune_then_factorise(analyses.model, analyses.calib, analyses.measure_on, options, prune, options.exclude, progress), {}
+
+
+def _per_layer_candidate(analyses: _Analyses, options: CompressOptions,
+                         progress: Progress | None) -> tuple[CompressionResult, dict]:
+    """Prune the groups and factorise the layers ``per_layer_choice`` picks."""
+    from onnxopt.prune_pipeline import compress_prune
+
+    pruning = analyses.prune("sensitivity", progress)
+    model_plan, curves = analyses.lowrank(progress)
+    choice = per_layer_choice(pruning, model_plan.candidates, curves, options.rank_multiple, options.speedup)
+    pruned_groups = sum(c < p.channels for c, p in zip(choice.counts, pruning.plans))
+    facts = {"prune_speedup": pruning.macs_before / max(choice.pruned_macs, 1), "groups_pruned": pruned_groups,
+             "layers_factorised": len(choice.ranks), "predicted_mac_speedup": pruning.macs_before / max(choice.predicted_macs, 1),
+             "predicted_error": choice.predicted_damage}
+    if not choice.ranks:        # pruning alone, on output-measured damages: met exactly by the prune allocation
+        if options.allocation == "sensitivity":
+            raise UserError("nothing to add: the per-layer choice factorises no layer, the same as pruning alone")
+        prune_options = dataclasses.replace(options, method="prune", allocation="sensitivity")
+        return compress_prune(analyses.model, analyses.calib, analyses.measure_on, prune_options, progress, analysis=pruning), facts
+    prune = None
+    if pruned_groups:
+        prune_options = dataclasses.replace(options, method="prune", allocation="sensitivity",
+                                            speedup=max(facts["prune_speedup"], 1 + 1e-9))
+        prune = lambda: compress_prune(analyses.model, analyses.calib, analyses.measure_on, prune_options,  # noqa: E731
+                                       progress, analysis=pruning, keep=choice.counts)
+    exclude = options.exclude + [glob.escape(layer.name) for layer in model_plan.candidates if layer.name not in choice.ranks]
+    return _prune_then_factorise(analyses.model, analyses.calib, analyses.measure_on, options, prune, exclude, progress), facts
+
+
 def compress_auto(model: onnx.ModelProto, calib: DataSource | None, holdout: DataSource | None,
                   options: CompressOptions, progress: Progress | None = None) -> CompressionResult:
-    """Best split of ``options.speedup`` between pruning and low-rank (module docstring)."""
+    """Best of the global splits and the per-layer choice under ``options.speedup`` (module docstring)."""
     if calib is None or len(calib) == 0:
         raise UserError("--method auto is data-driven: give calibration data with --calib (an image folder or .npz)")
     if options.speedup <= 1:
         raise UserError(f"--speedup must be greater than 1 (got {options.speedup})")
     start = time.perf_counter()
     measure_on = holdout if holdout is not None and len(holdout) else calib.subset(range(min(128, len(calib))))
+    analyses = _Analyses(model, calib, measure_on, options)
+    runs = [(f"prune {options.speedup ** share:.2f}x", {"prune_share": share, "prune_speedup": options.speedup ** share},
+             lambda step, share=share: _split_candidate(analyses, options, share, step)) for share in SHARES]
+    runs.append(("per layer", {"prune_share": None, "per_layer": True},
+                 lambda step: _per_layer_candidate(analyses, options, step)))
     tried, best, best_error = [], None, None
-    for share in SHARES:
-        label = f"auto: prune {options.speedup ** share:.2f}x"
-        step = (lambda what, done, total, label=label: progress(f"{label} | {what}", done, total)) if progress else None
+    for label, entry, run in runs:
+        step = (lambda what, done, total, label=label: progress(f"auto: {label} | {what}", done, total)) if progress else None
         t0 = time.perf_counter()
-        entry = {"prune_share": share, "prune_speedup": options.speedup ** share}
         try:
-            result = _candidate(model, calib, measure_on, options, share, step)
+            result, facts = run(step)
         except UserError as exc:
             if "out of reach" not in str(exc) and "nothing to" not in str(exc):
                 raise
@@ -108,13 +261,13 @@ def compress_auto(model: onnx.ModelProto, calib: DataSource | None, holdout: Dat
             tried.append(entry)
             continue
         check = compare_outputs(model, result.model, measure_on, options.threads)
-        entry.update(mac_speedup=result.macs_before / max(result.macs_after, 1), relative_l2=check.relative_l2,
+        entry.update(facts, mac_speedup=result.macs_before / max(result.macs_after, 1), relative_l2=check.relative_l2,
                      top1_agreement=check.top1_agreement, seconds=time.perf_counter() - t0)
         tried.append(entry)
         if best_error is None or check.relative_l2 < best_error:
             best, best_error = (result, check, entry), check.relative_l2
     if best is None:
-        reasons = "; ".join(f"prune {e['prune_speedup']:.2f}x: {e['skipped']}" for e in tried)
+        reasons = "; ".join(f"{'per layer' if e.get('per_layer') else 'prune %.2fx' % e['prune_speedup']}: {e['skipped']}" for e in tried)
         raise UserError(f"--speedup {options.speedup:g} is out of reach for pruning and low-rank combined ({reasons}); lower --speedup")
     result, check, entry = best
     entry["chosen"] = True

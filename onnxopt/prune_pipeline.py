@@ -42,6 +42,7 @@ filters and slice the consumers, nothing else (Li et al.'s data-free pruning).
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 import time
@@ -412,9 +413,9 @@ def _sampler_plans(group: ChannelGroup, layers: dict[str, Layer], exclude: list[
     return plans
 
 
-def _exact_macs(graph: gs.Graph, layers: list[Layer], plans: list[GroupPlan], counts: list[int],
-                groups: list[ChannelGroup] | None = None) -> int:
-    """Model MACs if each plan keeps ``counts`` channels (bilinear per layer)."""
+def kept_fractions(graph: gs.Graph, layers: list[Layer], plans: list[GroupPlan], counts: list[int],
+                   groups: list[ChannelGroup] | None = None) -> tuple[dict[str, float], dict[str, float]]:
+    """The fraction of each layer's output and input channels left if each plan keeps ``counts``."""
     out_ratio = {layer.name: 1.0 for layer in layers}
     in_removed = {layer.name: 0 for layer in layers}
     groups = find_groups(graph) if groups is None else groups
@@ -424,13 +425,18 @@ def _exact_macs(graph: gs.Graph, layers: list[Layer], plans: list[GroupPlan], co
             out_ratio[_node_name(member.node)] *= count / plan.channels
         for member in group.consumers + group.depthwise:   # a depthwise conv after a Concat spans several groups
             in_removed[_node_name(member.node)] += (plan.channels - count) * member.block
+    in_ratio = {layer.name: (layer.in_channels - in_removed[layer.name]) / max(layer.in_channels, 1) for layer in layers}
+    return out_ratio, in_ratio
+
+
+def _exact_macs(graph: gs.Graph, layers: list[Layer], plans: list[GroupPlan], counts: list[int],
+                groups: list[ChannelGroup] | None = None) -> int:
+    """Model MACs if each plan keeps ``counts`` channels (bilinear per layer)."""
+    out_ratio, in_ratio = kept_fractions(graph, layers, plans, counts, groups)
     total = 0.0
     for layer in layers:
-        macs = layer.macs or 0
-        if layer.is_depthwise:
-            total += macs * (layer.in_channels - in_removed[layer.name]) / max(layer.in_channels, 1)
-        else:
-            total += macs * out_ratio[layer.name] * (layer.in_channels - in_removed[layer.name]) / max(layer.in_channels, 1)
+        kept = in_ratio[layer.name] if layer.is_depthwise else out_ratio[layer.name] * in_ratio[layer.name]
+        total += (layer.macs or 0) * kept
     return int(round(total))
 
 
@@ -491,9 +497,37 @@ def _step_down(graph: gs.Graph, layers: list[Layer], plans: list[GroupPlan], cou
 # ---------------------------------------------------------------------------- pipeline
 
 
-def compress_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: DataSource | None,
-                   options: CompressOptions, progress: Progress | None = None) -> CompressionResult:
-    """Prune channels of ``model`` to ``options.speedup`` times fewer MACs (module docstring)."""
+@dataclass
+class PruneAnalysis:
+    """Steps 1-3 up to the knapsack: what the ORIGINAL model says about every candidate group.
+
+    None of it depends on ``--speedup``, so one analysis serves every budget
+    (``--method auto`` prunes the same model to several budgets, and prices groups against
+    low-rank layers from ``plans``' damages).
+    """
+
+    prepared: onnx.ModelProto
+    preparation: dict
+    layer_list: list[Layer]
+    plans: list[GroupPlan]               # damages filled in; ``keep`` left None
+    reasons: dict[str, str]              # why each other group is left alone
+    data: bool
+    samples: list[dict[str, np.ndarray]]
+    sampler: ConsumerSampler | None
+    targets: dict[str, list[np.ndarray]]
+    round_to: int
+    timings: dict[str, float]
+
+    @property
+    def macs_before(self) -> int:
+        return model_macs(self.layer_list)
+
+    def exact_macs(self, counts: list[int]) -> int:
+        return _exact_macs(graphs.import_graph(self.prepared), self.layer_list, self.plans, counts)
+
+
+def _check_options(options: CompressOptions, data: bool) -> int:
+    """``--round-to``, after the options pruning cannot take are refused."""
     method = options.method
     if method not in METHODS:
         raise UserError(f"unknown pruning --method {method!r}; choose one of: {', '.join(METHODS)}")
@@ -504,18 +538,23 @@ def compress_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Da
         raise UserError(f"--round-to must be at least 1 (got {round_to})")
     if getattr(options, "cost", "macs") != "macs":
         raise UserError(f"--cost {options.cost} is not available for --method {method}; channel pruning targets MACs (use --cost macs)")
-    data = calib is not None and len(calib) > 0
     if method == "prune" and not data:
         raise UserError("--method prune is data-driven: give calibration data with --calib (an image folder or .npz)")
+    return round_to
 
+
+def analyze_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: DataSource | None,
+                  options: CompressOptions, progress: Progress | None = None) -> PruneAnalysis:
+    """Candidate groups of ``model`` and each one's damage at every keep count (steps 1-3)."""
+    method = options.method
+    data = calib is not None and len(calib) > 0
+    round_to = _check_options(options, data)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     prepared, preparation = graphs.prepare(model, calib.sample_shapes() if data else None)
     graph = graphs.import_graph(prepared)
     layer_list = find_layers(graph)
     layers = {layer.name: layer for layer in layer_list}
-    macs_before = model_macs(layer_list)
-    target = macs_before / options.speedup
     plans, reasons = plan_groups(graph, layers, options.exclude, round_to, data, samplers=method == "prune")
     if not plans:
         detail = "; ".join(f"{name}: {why}" for name, why in list(reasons.items())[:3]) or "no channel groups"
@@ -597,14 +636,39 @@ def compress_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Da
         plan.damages = damages if sensitivity is None else sensitivity.damages(plan, solutions)
         if progress and sensitivity is not None:
             progress("sensitivity", number, len(plans))
-    counts = allocate_counts(graph, layer_list, plans, target)
+    timings["allocate"] = time.perf_counter() - t0
+    return PruneAnalysis(prepared, preparation, layer_list, plans, reasons, data, samples, sampler, targets, round_to, timings)
+
+
+def compress_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: DataSource | None,
+                   options: CompressOptions, progress: Progress | None = None, analysis: PruneAnalysis | None = None,
+                   keep: list[int] | None = None) -> CompressionResult:
+    """Prune channels of ``model`` to ``options.speedup`` times fewer MACs (module docstring).
+
+    ``analysis``: ``analyze_prune``'s result for the same model, data and options (not run
+    again). ``keep``: a keep count per plan of the analysis, chosen elsewhere (``--method
+    auto``'s per-layer choice), instead of the allocation under ``options.speedup``.
+    """
+    method = options.method
+    data = calib is not None and len(calib) > 0
+    _check_options(options, data)
+    start = time.perf_counter()
+    analysis = analysis or analyze_prune(model, calib, holdout, options, progress)
+    prepared, preparation, layer_list, reasons = analysis.prepared, analysis.preparation, analysis.layer_list, analysis.reasons
+    samples, sampler, targets = analysis.samples, analysis.sampler, analysis.targets
+    timings = dict(analysis.timings)
+    graph = graphs.import_graph(prepared)
+    macs_before = model_macs(layer_list)
+    plans = [dataclasses.replace(plan) for plan in analysis.plans]
+    t0 = time.perf_counter()
+    counts = keep if keep is not None else allocate_counts(graph, layer_list, plans, macs_before / options.speedup)
     if counts is None:
         best = _exact_macs(graph, layer_list, plans, [p.counts[0] for p in plans])
         raise UserError(f"--speedup {options.speedup:g} is out of reach for channel pruning of this model "
-                        f"(at most {macs_before / max(best, 1):.2f}x with the prunable groups at --round-to {round_to}); lower --speedup")
+                        f"(at most {macs_before / max(best, 1):.2f}x with the prunable groups at --round-to {analysis.round_to}); lower --speedup")
     for plan, count in zip(plans, counts):
         plan.keep = count
-    timings["allocate"] = time.perf_counter() - t0
+    timings["allocate"] = timings.get("allocate", 0.0) + time.perf_counter() - t0
 
     # ---- layer by layer, asymmetric
     t0 = time.perf_counter()

@@ -227,7 +227,7 @@ def test_consumer_with_too_few_rows_keeps_sliced_weights():
 
 
 def test_auto_meets_the_budget_and_keeps_the_best_measured_split():
-    """--method auto: every prune/low-rank split is tried; the kept one has the smallest error."""
+    """--method auto: every prune/low-rank split and the per-layer choice are tried; the kept one has the smallest error."""
     from onnxopt.auto_pipeline import SHARES
     from onnxopt.pipeline import compress
     from onnxopt.verify import compare_outputs
@@ -237,7 +237,9 @@ def test_auto_meets_the_budget_and_keeps_the_best_measured_split():
     result = compress(model, _data(80), holdout, CompressOptions(speedup=1.5, method="auto", rows_per_layer=2000))
     _check_model(model, result, 1.5)
     candidates = result.auto["candidates"]
-    assert [c["prune_share"] for c in candidates] == list(SHARES)
+    assert [c["prune_share"] for c in candidates] == [*SHARES, None]
+    per_layer = candidates[-1]
+    assert per_layer["per_layer"] and "skipped" not in per_layer, per_layer      # groups and layers chosen by one knapsack
     measured = [c for c in candidates if "relative_l2" in c]
     assert len(measured) >= 3 and all(c["mac_speedup"] >= 1.5 * (1 - 1e-9) for c in measured)
     chosen = [c for c in candidates if c.get("chosen")]
