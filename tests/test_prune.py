@@ -253,6 +253,58 @@ def test_auto_meets_the_budget_and_keeps_the_best_measured_split():
         compress(model, _data(40), holdout, CompressOptions(speedup=50, method="auto", rows_per_layer=500))
 
 
+def _flat_curves(layers, scale: float, multiple: int = 4):
+    """Low-rank damage curves ``scale * (1 - r / out)`` for every layer (priced like sensitivity's)."""
+    from onnxopt.passes.lowrank import decomposed_macs
+    from onnxopt.pipeline import rank_grid
+    from onnxopt.sensitivity import Analysis, LayerCurve
+
+    curves = []
+    for layer in layers:
+        ranks = rank_grid(layer, multiple)
+        curves.append(LayerCurve(layer.name, "", layer.macs, ranks, [decomposed_macs(layer, r) for r in ranks],
+                                 [scale * (1 - r / layer.out_channels) for r in ranks]))
+    return Analysis(curves, samples=16, metrics=["error"])
+
+
+def test_per_layer_choice_takes_whichever_family_damages_the_output_less(monkeypatch):
+    """One knapsack over prune groups and low-rank layers: free factorisation is all low-rank,
+    costly factorisation is all pruning; either way the choice meets the budget on the pruned shapes;
+    end to end, exactly the chosen layers are factorised."""
+    from onnxopt import auto_pipeline
+    from onnxopt.auto_pipeline import _macs_after, per_layer_choice
+    from onnxopt.pipeline import plan
+    from onnxopt.prune_pipeline import analyze_prune
+
+    model, calib, holdout = small_cnn(), _data(80), _data(16, seed=2)
+    options = CompressOptions(speedup=2, method="prune", allocation="sensitivity", rows_per_layer=2000)
+    pruning = analyze_prune(model, calib, holdout, options)
+    candidates = plan(model, [], calib.sample_shapes()).candidates
+    target = pruning.macs_before / 2
+
+    free = per_layer_choice(pruning, candidates, _flat_curves(candidates, 1e-9), 4, 2.0)
+    assert free.ranks and all(c == p.channels for c, p in zip(free.counts, pruning.plans)), free
+    costly = per_layer_choice(pruning, candidates, _flat_curves(candidates, 1e3), 4, 2.0)
+    assert not costly.ranks and any(c < p.channels for c, p in zip(costly.counts, pruning.plans)), costly
+    assert free.predicted_macs <= target                               # factorising alone: the knapsack's costs are exact
+    assert costly.pruned_macs == costly.predicted_macs <= target * 1.01  # pruning alone: the prune allocation meets it exactly
+    for choice in (free, costly):
+        assert _macs_after(pruning, choice.counts, choice.ranks) == (choice.pruned_macs, choice.predicted_macs)
+
+    # mixed: the first conv costs nothing to factorise, the others a lot
+    mixed_curves = _flat_curves(candidates, 1e3)
+    mixed_curves.curves[0].error = [1e-9 for _ in mixed_curves.curves[0].error]
+    mixed = per_layer_choice(pruning, candidates, mixed_curves, 4, 2.0)
+    assert set(mixed.ranks) == {candidates[0].name}, mixed
+    monkeypatch.setattr(auto_pipeline._Analyses, "lowrank", lambda self, progress: (plan(model, [], calib.sample_shapes()), mixed_curves))
+    auto_options = CompressOptions(speedup=2, method="auto", rows_per_layer=2000, allocation="sensitivity")
+    result, facts = auto_pipeline._per_layer_candidate(auto_pipeline._Analyses(model, calib, holdout, auto_options), auto_options, None)
+    _check_model(model, result, 2)
+    assert facts["layers_factorised"] == 1 and facts["groups_pruned"] >= 1, facts
+    convs = [n for n in result.model.graph.node if n.op_type == "Conv"]
+    assert len(convs) == sum(n.op_type == "Conv" for n in model.graph.node) + 1      # one layer became two
+
+
 def test_sensitivity_damage_is_the_measured_output_error_of_the_group_alone():
     """--allocation sensitivity: at grid counts, the damage is ||f_k - f||^2/||f||^2 on held-out data."""
     from onnxopt.passes.channel_groups import apply_keep, find_groups, group_of
