@@ -46,7 +46,7 @@ def analyze(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the analysis as JSON here."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG: per-layer curves and the predicted Pareto front."),
     metric: str = typer.Option("auto", "--metric", help="Damage for the front: auto (top1_drop with --eval-data, else kl for classifiers, else error), top1_drop, kl, error."),
-    grid: int = typer.Option(4, "--grid", help="Ranks measured per layer."),
+    grid: int = typer.Option(8, "--grid", help="Ranks measured per layer."),
     exclude: Optional[list[str]] = typer.Option(None, "--exclude", help="Leave this layer alone (name or glob; repeatable)."),
     seed: int = opt.Seed,
     rows: int = typer.Option(8192, "--rows-per-layer", help="Sampled response rows per layer."),

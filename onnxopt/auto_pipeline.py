@@ -24,9 +24,13 @@ that moves the model's outputs least is kept:
    then the chosen layers, only they, are factorised by the low-rank pass to meet ``s``
    exactly (its own allocation, on the pruned model).
 3. Measure each candidate's output on the held-out calibration samples against the ORIGINAL
-   model: relative L2 error ``||z_orig - z_cand|| / ||z_orig||`` of the outputs
-   (``verify.compare_outputs``; without a holdout, on the first 128 calibration samples).
-   Keep the candidate with the smallest error and report every one (``auto`` in the JSON).
+   model (``verify.compare_outputs``; without a holdout, on the first 128 calibration
+   samples): for a classifier (N, classes) the mean ``KL(softmax z_orig || softmax z_cand)``,
+   otherwise the relative L2 error ``||z_orig - z_cand|| / ||z_orig||``. Keep the candidate
+   with the smallest and report every one (``auto`` in the JSON). KL, not L2, because it
+   follows accuracy: on SqueezeNet 1.1 at 1.5x the six candidates scored 43.1-49.4% top-1 on
+   the evaluation split; the least KL picked the best one (49.4%), the least L2 the fifth
+   (46.0%).
 
 A candidate whose pass cannot reach its part of the budget (the pass raises "out of reach")
 is recorded with the reason and skipped.
@@ -262,10 +266,11 @@ def compress_auto(model: onnx.ModelProto, calib: DataSource | None, holdout: Dat
             continue
         check = compare_outputs(model, result.model, measure_on, options.threads)
         entry.update(facts, mac_speedup=result.macs_before / max(result.macs_after, 1), relative_l2=check.relative_l2,
-                     top1_agreement=check.top1_agreement, seconds=time.perf_counter() - t0)
+                     kl=check.kl, top1_agreement=check.top1_agreement, seconds=time.perf_counter() - t0)
         tried.append(entry)
-        if best_error is None or check.relative_l2 < best_error:
-            best, best_error = (result, check, entry), check.relative_l2
+        error = check.relative_l2 if check.kl is None else check.kl
+        if best_error is None or error < best_error:
+            best, best_error = (result, check, entry), error
     if best is None:
         reasons = "; ".join(f"{'per layer' if e.get('per_layer') else 'prune %.2fx' % e['prune_speedup']}: {e['skipped']}" for e in tried)
         raise UserError(f"--speedup {options.speedup:g} is out of reach for pruning and low-rank combined ({reasons}); lower --speedup")

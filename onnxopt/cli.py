@@ -135,6 +135,7 @@ def compress(
     label_offset: int = opt.LabelOffset,
     search_steps: int = typer.Option(7, "--search-steps", help="--max-drop: compressions tried at most."),
     vbmf_weaken: float = typer.Option(0.8, "--vbmf-weaken", help="tucker2 and --allocation vbmf: weakening factor w in (0,1] of the EVBMF ranks, rank = full - w (full - EVBMF) (1: EVBMF ranks as they are)."),
+    sensitivity_grid: int = typer.Option(8, "--sensitivity-grid", help="--allocation sensitivity: ranks or keep counts measured per layer (the rest interpolated)."),
     compression_stages: int = typer.Option(1, "--stages", help="tucker2: MUSCO stages (decompose, refit, repeat on the result); with --speedup, stop once it is met. Not --calib-stages."),
 ) -> None:
     """Compress IN.onnx to a model with SPEEDUP times fewer MACs, calibrated on your data."""
@@ -156,6 +157,8 @@ def compress(
         _check_output_path(model_path, report)
     if round_to < 1:
         raise UserError(f"--round-to must be at least 1 (got {round_to})")
+    if sensitivity_grid < 2:
+        raise UserError(f"--sensitivity-grid must be at least 2 (got {sensitivity_grid})")
     method = method or ("auto" if max_drop is not None else "lowrank")
     allocation = allocation or ("sensitivity" if max_drop is not None else "energy")
     model = load_model(model_path)
@@ -169,7 +172,7 @@ def compress(
     options = CompressOptions(speedup=speedup or (1.5 if max_drop is not None else None), method=method, exclude=list(exclude or []), seed=seed,
                               rows_per_layer=rows, stages=stages, threads=threads, solver=solver,
                               asymmetric=not symmetric, allocation=allocation, cost=cost, round_to=round_to,
-                              vbmf_weaken=vbmf_weaken, compression_stages=compression_stages)
+                              vbmf_weaken=vbmf_weaken, compression_stages=compression_stages, sensitivity_grid=sensitivity_grid)
     search = None
     bar, progress = _progress()
     with bar or nullcontext():

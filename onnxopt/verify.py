@@ -4,7 +4,8 @@ The output must pass the full ONNX checker (with shape inference), load and run 
 onnxruntime, keep the original's graph input/output names, element types and ranks, and give
 finite outputs wherever the original's are finite; otherwise :class:`VerificationError`. Its
 outputs on held-out inputs are compared with the original's: max absolute difference, relative
-L2 error and, for (N, classes) outputs, top-1 agreement.
+L2 error and, for (N, classes) outputs (taken as logits), top-1 agreement and the mean
+``KL(softmax z_orig || softmax z)``.
 
 A model of 2 GiB or more cannot be serialised in memory: it is checked and run from the file it
 was loaded from or staged to (``path``), see ``graph.save_model_atomic``.
@@ -33,6 +34,7 @@ class Verification:
     max_abs_diff: float
     relative_l2: float
     top1_agreement: float | None
+    kl: float | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -71,7 +73,7 @@ def compare_outputs(original: onnx.ModelProto, compressed: onnx.ModelProto, data
         candidate = make_session(compressed, threads)
     except UserError as exc:
         raise VerificationError(f"the rewritten model does not load: {exc}") from None
-    max_abs, err_sq, ref_sq, agree, rows, samples = 0.0, 0.0, 0.0, 0, 0, 0
+    max_abs, err_sq, ref_sq, agree, rows, samples, kl = 0.0, 0.0, 0.0, 0, 0, 0, 0.0
     for feeds in data.batches(batch_size):
         expected = reference.run(None, feeds)
         try:
@@ -90,12 +92,21 @@ def compare_outputs(original: onnx.ModelProto, compressed: onnx.ModelProto, data
         if first_e.ndim == 2 and first_e.shape[1] > 1:
             agree += int((first_e.argmax(1) == first_g.argmax(1)).sum())
             rows += first_e.shape[0]
+            log_e, log_g = _log_softmax(first_e), _log_softmax(first_g)
+            kl += float((np.exp(log_e) * (log_e - log_g)).sum())
     return Verification(
         samples=samples,
         max_abs_diff=max_abs,
         relative_l2=float(np.sqrt(err_sq / ref_sq)) if ref_sq > 0 else 0.0,
         top1_agreement=agree / rows if rows else None,
+        kl=kl / rows if rows else None,
     )
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.asarray(logits, np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
 def verify(original: onnx.ModelProto, compressed: onnx.ModelProto, data: DataSource, threads: int = 0) -> Verification:

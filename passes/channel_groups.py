@@ -528,6 +528,22 @@ def _replace_input(node: gs.Node, index: int, values: np.ndarray) -> None:
     node.inputs[index] = _new_constant(node.inputs[index], values)
 
 
+def set_weights(node: gs.Node, weight: np.ndarray, bias: np.ndarray | None) -> None:
+    """Give a Conv/Gemm new weights (its initializer layout) and, unless None, a bias."""
+    _replace_input(node, 1, np.asarray(weight))
+    if bias is None:
+        return
+    if len(node.inputs) > 2 and node.inputs[2].name and isinstance(node.inputs[2], gs.Constant):
+        _replace_input(node, 2, np.asarray(bias))
+        return
+    _counter[0] += 1
+    bias_const = gs.Constant(f"{node.name or node.outputs[0].name}.bias_pruned{_counter[0]}", np.asarray(bias, np.float32))
+    if len(node.inputs) > 2:
+        node.inputs[2] = bias_const
+    else:
+        node.inputs.append(bias_const)
+
+
 def removed_indices(group: ChannelGroup, keep) -> np.ndarray:
     keep = np.unique(np.asarray(keep, dtype=int))
     if len(keep) and (keep.min() < 0 or keep.max() >= group.channels):
@@ -593,18 +609,7 @@ def _slice_consumers(group: ChannelGroup, removed: np.ndarray, consumer_weights:
         node = member.node
         name = node.name or node.outputs[0].name
         if name in consumer_weights:
-            weight, bias = consumer_weights[name]
-            _replace_input(node, 1, np.asarray(weight))
-            if bias is not None:
-                if len(node.inputs) > 2 and node.inputs[2].name and isinstance(node.inputs[2], gs.Constant):
-                    _replace_input(node, 2, np.asarray(bias))
-                else:
-                    _counter[0] += 1
-                    bias_const = gs.Constant(f"{name}.bias_pruned{_counter[0]}", np.asarray(bias, np.float32))
-                    if len(node.inputs) > 2:
-                        node.inputs[2] = bias_const
-                    else:
-                        node.inputs.append(bias_const)
+            set_weights(node, *consumer_weights[name])
             continue
         index = removed + member.offset
         if node.op == "Conv":

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from scipy.special import log_softmax
 from sklearn.linear_model import Lasso
 
 from conftest import run, shared_path, small_cnn
@@ -243,9 +244,12 @@ def test_auto_meets_the_budget_and_keeps_the_best_measured_split():
     measured = [c for c in candidates if "relative_l2" in c]
     assert len(measured) >= 3 and all(c["mac_speedup"] >= 1.5 * (1 - 1e-9) for c in measured)
     chosen = [c for c in candidates if c.get("chosen")]
-    assert len(chosen) == 1 and chosen[0]["relative_l2"] == min(c["relative_l2"] for c in measured)
+    assert len(chosen) == 1 and chosen[0]["kl"] == min(c["kl"] for c in measured)          # a classifier: the least KL
     again = compare_outputs(model, result.model, holdout)
     assert abs(again.relative_l2 - result.verification.relative_l2) < 1e-6
+    x = next(holdout.batches(16))["x"]
+    log_p, log_q = (log_softmax(run(m, {"x": x})[0].astype(np.float64), axis=1) for m in (model, result.model))
+    assert again.kl == pytest.approx(float((np.exp(log_p) * (log_p - log_q)).sum(1).mean()), rel=1e-6, abs=1e-12)
     assert result.verification.relative_l2 == chosen[0]["relative_l2"]
     with pytest.raises(UserError, match="data-driven"):
         compress(model, None, None, CompressOptions(speedup=1.5, method="auto"))
@@ -362,3 +366,23 @@ def test_allocation_meets_every_reachable_target_exactly():
         assert counts is not None, f"--speedup {speedup:.3f} refused"
         # met, and not overshot: the repair's last step closes the gap at the least damage
         assert 0.975 <= _exact_macs(graph, layer_list, plans, counts) / (macs / speedup) <= 1
+
+
+def test_head_no_group_reaches_is_refit_toward_the_original_outputs():
+    """With the last conv's group excluded, the classifier is no consumer; it is refit at the end
+    (its response error on the sampled rows can only fall), and only when there is data."""
+    model = small_cnn()
+    options = CompressOptions(speedup=1.2, method="prune", rows_per_layer=2000, exclude=["down"])
+    result = compress_prune(model, _data(200), _data(16, seed=2), options)
+    _check_model(model, result, 1.2)
+    fc = next(row for row in result.layers if row.name == "fc")
+    assert "head" in fc.solver, fc
+    assert 0 < fc.error_after <= fc.error_before, fc
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in result.model.graph.initializer}
+    original = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    fc_node = next(n for n in result.model.graph.node if n.name == "fc")
+    assert not np.allclose(weights[fc_node.input[1]], original["fc.w"])
+    data_free = compress_prune(model, None, None, CompressOptions(speedup=1.2, method="filter-l1", exclude=["down"]))
+    few_rows = compress_prune(model, _data(40), None, options)          # 40 rows, under 4 per each of 32 columns: not refit
+    for other in (data_free, few_rows):
+        assert not next(row for row in other.layers if row.name == "fc").solver
