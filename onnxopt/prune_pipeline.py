@@ -33,7 +33,10 @@
    removed, ``filter-std`` / ``filter-l1``), refit each consumer by least squares on the kept
    input columns, and rewrite the graph (``channel_groups.apply_keep``). A consumer with
    fewer than ``MIN_ROWS_PER_COLUMN`` sampled rows per kept column (a classifier after
-   global pooling gives one row per image) is not refit: its sliced weights stay.
+   global pooling gives one row per image) is not refit: its sliced weights stay. Last, the
+   model's head (its last layer), when no group's consumers include it (a classifier reading
+   the pooled residual stream), is refit the same way toward the original outputs: pruning
+   upstream moved its inputs too.
 5. Verify (``onnxopt.verify``) and return a ``CompressionResult``.
 
 Without calibration data (``calib`` None or empty) the ``filter-*`` methods remove the
