@@ -49,8 +49,12 @@ import onnx
 from onnxopt import graph as graphs
 from onnxopt.calib.readers import DataSource
 from onnxopt.errors import UserError
+from onnxopt.layers import Layer
 from onnxopt.passes import allocation, lowrank
-from onnxopt.pipeline import CompressionResult, CompressOptions, LayerResult, Progress
+from onnxopt.pipeline import (CompressionResult, CompressOptions, LayerResult, Plan, Progress, compress, layer_sensitivity,
+                              plan, rank_grid)
+from onnxopt.prune_pipeline import PruneAnalysis, analyze_prune, compress_prune, kept_fractions
+from onnxopt.sensitivity import Analysis, measured_options
 from onnxopt.verify import compare_outputs
 
 SHARES = (0.0, 1 / 3, 1 / 2, 2 / 3, 1.0)     # exponent f of the prune speed-up s^f
@@ -82,8 +86,6 @@ def _prune_then_factorise(model: onnx.ModelProto, calib: DataSource, holdout: Da
                           progress: Progress | None) -> CompressionResult:
     """Run ``prune`` (None: nothing to prune), then factorise to the full budget ``s`` with
     ``exclude`` left alone by the low-rank pass."""
-    from onnxopt.pipeline import compress
-
     pruned = prune() if prune is not None else None
     if pruned is not None:
         model = pruned.model
@@ -113,11 +115,9 @@ class PerLayerChoice:
     predicted_damage: float               # sum of the measured damages of the choice
 
 
-def _macs_after(analysis, counts: list[int], ranks: dict[str, int]) -> tuple[int, float]:
+def _macs_after(analysis: PruneAnalysis, counts: list[int], ranks: dict[str, int]) -> tuple[int, float]:
     """Exact MACs after pruning to ``counts``, and after also factorising ``ranks`` on the
     pruned shapes (``r (I' kh kw + O') HW``, never more than the pruned layer)."""
-    from onnxopt.prune_pipeline import kept_fractions
-
     graph = graphs.import_graph(analysis.prepared)
     out_kept, in_kept = kept_fractions(graph, analysis.layer_list, analysis.plans, counts)
     pruned = both = 0.0
@@ -135,13 +135,11 @@ def _macs_after(analysis, counts: list[int], ranks: dict[str, int]) -> tuple[int
     return int(round(pruned)), both
 
 
-def per_layer_choice(analysis, candidates, lowrank_analysis, rank_multiple: int, speedup: float) -> PerLayerChoice:
+def per_layer_choice(analysis: PruneAnalysis, candidates: list[Layer], lowrank_analysis: Analysis, rank_multiple: int,
+                     speedup: float) -> PerLayerChoice:
     """Per group a keep count and per layer a rank, from ONE knapsack on measured output error
     (module docstring, step 2). ``analysis``: ``prune_pipeline.analyze_prune`` with output-measured
     damages; ``lowrank_analysis``: ``onnxopt.sensitivity`` curves of ``candidates``."""
-    from onnxopt.pipeline import rank_grid
-    from onnxopt.sensitivity import measured_options
-
     prune_options = [[allocation.Option(k * p.macs_per_channel, d, k) for k, d in zip(p.counts, p.damages)]
                      for p in analysis.plans]
     rank_options = [[allocation.Option(layer.macs, 0.0, None)]
@@ -177,19 +175,15 @@ class _Analyses:
 
     def __init__(self, model: onnx.ModelProto, calib: DataSource, measure_on: DataSource, options: CompressOptions):
         self.model, self.calib, self.measure_on, self.options = model, calib, measure_on, options
-        self._prune: dict[str, object] = {}
+        self._prune: dict[str, PruneAnalysis] = {}
 
-    def prune(self, allocation_kind: str, progress: Progress | None):
-        from onnxopt.prune_pipeline import analyze_prune
-
+    def prune(self, allocation_kind: str, progress: Progress | None) -> PruneAnalysis:
         if allocation_kind not in self._prune:
             options = dataclasses.replace(self.options, method="prune", allocation=allocation_kind)
             self._prune[allocation_kind] = analyze_prune(self.model, self.calib, self.measure_on, options, progress)
         return self._prune[allocation_kind]
 
-    def lowrank(self, progress: Progress | None):
-        from onnxopt.pipeline import layer_sensitivity, plan
-
+    def lowrank(self, progress: Progress | None) -> tuple[Plan, Analysis]:
         model_plan = plan(self.model, self.options.exclude, self.calib.sample_shapes())
         options = dataclasses.replace(self.options, method="lowrank", allocation="sensitivity")
         return model_plan, layer_sensitivity(self.model, model_plan, self.calib, self.measure_on, options, progress=progress)
@@ -198,8 +192,6 @@ class _Analyses:
 def _split_candidate(analyses: _Analyses, options: CompressOptions, share: float,
                      progress: Progress | None) -> tuple[CompressionResult, dict]:
     """Prune by ``s^share``, then factorise to the full budget ``s``."""
-    from onnxopt.prune_pipeline import compress_prune
-
     prune_speedup = options.speedup ** share
     prune = None
     if prune_speedup >= MIN_STAGE_SPEEDUP:
@@ -214,8 +206,6 @@ def _split_candidate(analyses: _Analyses, options: CompressOptions, share: float
 def _per_layer_candidate(analyses: _Analyses, options: CompressOptions,
                          progress: Progress | None) -> tuple[CompressionResult, dict]:
     """Prune the groups and factorise the layers ``per_layer_choice`` picks."""
-    from onnxopt.prune_pipeline import compress_prune
-
     pruning = analyses.prune("sensitivity", progress)
     model_plan, curves = analyses.lowrank(progress)
     choice = per_layer_choice(pruning, model_plan.candidates, curves, options.rank_multiple, options.speedup)
