@@ -53,7 +53,7 @@ from onnxopt.layers import Layer
 from onnxopt.passes import allocation, lowrank
 from onnxopt.pipeline import (CompressionResult, CompressOptions, LayerResult, Plan, Progress, compress, layer_sensitivity,
                               plan, rank_grid)
-from onnxopt.prune_pipeline import PruneAnalysis, analyze_prune, compress_prune, kept_fractions
+from onnxopt.prune_pipeline import PruneAnalysis, analyze_prune, compress_prune, kept_fractions, macs_kept
 from onnxopt.sensitivity import Analysis, measured_options
 from onnxopt.verify import compare_outputs
 
@@ -122,8 +122,7 @@ def _macs_after(analysis: PruneAnalysis, counts: list[int], ranks: dict[str, int
     out_kept, in_kept = kept_fractions(graph, analysis.layer_list, analysis.plans, counts)
     pruned = both = 0.0
     for layer in analysis.layer_list:
-        kept = in_kept[layer.name] if layer.is_depthwise else out_kept[layer.name] * in_kept[layer.name]
-        macs = (layer.macs or 0) * kept
+        macs = macs_kept(layer, out_kept, in_kept)
         pruned += macs
         rank = ranks.get(layer.name)
         if rank:
