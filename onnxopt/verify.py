@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import onnx
+from scipy.special import log_softmax
 
 from onnxopt import graph as graphs
 from onnxopt.calib.capture import make_session
@@ -92,7 +93,7 @@ def compare_outputs(original: onnx.ModelProto, compressed: onnx.ModelProto, data
         if first_e.ndim == 2 and first_e.shape[1] > 1:
             agree += int((first_e.argmax(1) == first_g.argmax(1)).sum())
             rows += first_e.shape[0]
-            log_e, log_g = _log_softmax(first_e), _log_softmax(first_g)
+            log_e, log_g = (log_softmax(np.asarray(z, np.float64), axis=1) for z in (first_e, first_g))
             kl += float((np.exp(log_e) * (log_e - log_g)).sum())
     return Verification(
         samples=samples,
@@ -102,11 +103,6 @@ def compare_outputs(original: onnx.ModelProto, compressed: onnx.ModelProto, data
         kl=kl / rows if rows else None,
     )
 
-
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.asarray(logits, np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
 def verify(original: onnx.ModelProto, compressed: onnx.ModelProto, data: DataSource, threads: int = 0) -> Verification:
