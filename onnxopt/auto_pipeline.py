@@ -184,8 +184,7 @@ class _Analyses:
 
     def lowrank(self, progress: Progress | None) -> tuple[Plan, Analysis]:
         model_plan = plan(self.model, self.options.exclude, self.calib.sample_shapes())
-        options = dataclasses.replace(self.options, method="lowrank", allocation="sensitivity")
-        return model_plan, layer_sensitivity(self.model, model_plan, self.calib, self.measure_on, options, progress=progress)
+        return model_plan, layer_sensitivity(self.model, model_plan, self.calib, self.measure_on, self.options, progress=progress)
 
 
 def _split_candidate(analyses: _Analyses, options: CompressOptions, share: float,

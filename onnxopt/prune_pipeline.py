@@ -550,7 +550,6 @@ class PruneAnalysis:
     layer_list: list[Layer]
     plans: list[GroupPlan]               # damages filled in; ``keep`` left None
     reasons: dict[str, str]              # why each other group is left alone
-    data: bool
     samples: list[dict[str, np.ndarray]]
     sampler: ConsumerSampler | None
     targets: dict[str, list[np.ndarray]]
@@ -677,7 +676,7 @@ def analyze_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Dat
         if progress and sensitivity is not None:
             progress("sensitivity", number, len(plans))
     timings["allocate"] = time.perf_counter() - t0
-    return PruneAnalysis(prepared, preparation, layer_list, plans, reasons, data, samples, sampler, targets, round_to, timings,
+    return PruneAnalysis(prepared, preparation, layer_list, plans, reasons, samples, sampler, targets, round_to, timings,
                          head.name if head is not None else None)
 
 
