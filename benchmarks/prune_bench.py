@@ -3,13 +3,15 @@
 For each model and budget, runs `onnxopt compress` (each in its own process: wall time and peak
 RSS are the process's own) with:
 
-  prune            He et al. 2017: LASSO channel selection + least-squares refit (asymmetric)
-  prune+sens       the same, keep counts allocated by damage measured at the output
+  prune            He et al. 2017: LASSO channel selection + least-squares refit (asymmetric),
+                   keep counts allocated by damage measured at the output (the default)
+  prune+energy     the same, keep counts allocated by the consumers' reconstruction error
   filter-std+ls    Li, Zhao, Han 2019 std ranking, consumers refit by least squares
   filter-l1+ls     Li et al. 2017 L1 ranking, refit
   filter-std       std ranking, data-free (no --calib: plain removal)
   filter-l1        L1 ranking, data-free
-  auto             prune then low-rank, the split measured on held-out samples
+  auto             pruning and low-rank, split globally or chosen per layer, the candidate
+                   measured on held-out samples
 
 All variants of a model share the --speedup, hence (up to rounding of the channel counts) the
 same MACs: the value of reconstruction is the accuracy difference between `filter-*` and
@@ -39,7 +41,7 @@ from common import ROOT, evaluate, latency_ratio, machine, markdown, models, onn
 
 VARIANTS = {
     "prune": ["--method", "prune"],
-    "prune+sens": ["--method", "prune", "--allocation", "sensitivity"],
+    "prune+energy": ["--method", "prune", "--allocation", "energy"],
     "filter-std+ls": ["--method", "filter-std"],
     "filter-l1+ls": ["--method", "filter-l1"],
     "filter-std": ["--method", "filter-std"],          # without --calib: data-free
@@ -51,9 +53,9 @@ FILTERS = ["filter-std+ls", "filter-l1+ls", "filter-std", "filter-l1"]
 
 # model (benchmarks/common.py): (--speedup, variants, calibration images, eval limit)
 MODELS = {
-    "cifar10_resnet56": (2.0, ["prune", "prune+sens", "auto", *FILTERS], 1000, None),
-    "mobilenet_v2": (1.3, ["prune", "prune+sens", *FILTERS], 250, None),
-    "squeezenet1.1": (1.5, ["prune", "prune+sens", "auto", *FILTERS], 250, None),
+    "cifar10_resnet56": (2.0, ["prune", "prune+energy", "auto", *FILTERS], 1000, None),
+    "mobilenet_v2": (1.3, ["prune", "prune+energy", *FILTERS], 250, None),
+    "squeezenet1.1": (1.5, ["prune", "prune+energy", "auto", *FILTERS], 250, None),
 }
 QUICK = {"cifar10_resnet20": (1.3, ["prune", "filter-l1+ls", "filter-l1"], 100, 200)}
 

@@ -144,7 +144,7 @@ def per_layer_choice(analysis: PruneAnalysis, candidates: list[Layer], lowrank_a
     rank_options = [[allocation.Option(layer.macs, 0.0, None)]
                     + [allocation.Option(lowrank.decomposed_macs(layer, r), 0.0, r) for r in rank_grid(layer, rank_multiple)]
                     for layer in candidates]
-    rank_options = measured_options(rank_options, candidates, lowrank_analysis, "error")
+    rank_options = measured_options(rank_options, candidates, lowrank_analysis, analysis.metric)
     options = prune_options + rank_options
     # MACs ~ fixed + sum of the chosen costs, with every group and candidate layer counted as removable
     fixed = (analysis.macs_before - sum(p.channels * p.macs_per_channel for p in analysis.plans)

@@ -281,8 +281,9 @@ def test_per_layer_choice_takes_whichever_family_damages_the_output_less(monkeyp
     from onnxopt.prune_pipeline import analyze_prune
 
     model, calib, holdout = small_cnn(), _data(80), _data(16, seed=2)
-    options = CompressOptions(speedup=2, method="prune", allocation="sensitivity", rows_per_layer=2000)
+    options = CompressOptions(speedup=2, method="prune", allocation="sensitivity", rows_per_layer=2000, sensitivity_metric="error")
     pruning = analyze_prune(model, calib, holdout, options)
+    assert pruning.metric == "error"                                   # the low-rank curves are priced in the same metric
     candidates = plan(model, [], calib.sample_shapes()).candidates
     target = pruning.macs_before / 2
 
@@ -301,7 +302,7 @@ def test_per_layer_choice_takes_whichever_family_damages_the_output_less(monkeyp
     mixed = per_layer_choice(pruning, candidates, mixed_curves, 4, 2.0)
     assert set(mixed.ranks) == {candidates[0].name}, mixed
     monkeypatch.setattr(auto_pipeline._Analyses, "lowrank", lambda self, progress: (plan(model, [], calib.sample_shapes()), mixed_curves))
-    auto_options = CompressOptions(speedup=2, method="auto", rows_per_layer=2000, allocation="sensitivity")
+    auto_options = CompressOptions(speedup=2, method="auto", rows_per_layer=2000, allocation="sensitivity", sensitivity_metric="error")
     result, facts = auto_pipeline._per_layer_candidate(auto_pipeline._Analyses(model, calib, holdout, auto_options), auto_options, None)
     _check_model(model, result, 2)
     assert facts["layers_factorised"] == 1 and facts["groups_pruned"] >= 1, facts
@@ -309,8 +310,9 @@ def test_per_layer_choice_takes_whichever_family_damages_the_output_less(monkeyp
     assert len(convs) == sum(n.op_type == "Conv" for n in model.graph.node) + 1      # one layer became two
 
 
-def test_sensitivity_damage_is_the_measured_output_error_of_the_group_alone():
-    """--allocation sensitivity: at grid counts, the damage is ||f_k - f||^2/||f||^2 on held-out data."""
+def test_sensitivity_damage_is_the_measured_output_change_of_the_group_alone():
+    """--allocation sensitivity: at grid counts, the damage is the group alone's output change on
+    held-out data: the mean KL divergence for a classifier (the default), or ||f_k - f||^2/||f||^2."""
     from onnxopt.passes.channel_groups import apply_keep, find_groups, group_of
     from onnxopt.prune_pipeline import GroupPlan, OutputSensitivity
     from onnxopt.verify import compare_outputs
@@ -318,15 +320,19 @@ def test_sensitivity_damage_is_the_measured_output_error_of_the_group_alone():
     model = small_cnn()
     prepared = graphs.prepare(model)[0]
     holdout = _data(24, seed=3)
-    sensitivity = OutputSensitivity(prepared, list(holdout.batches(8)), 1)
-    plan = GroupPlan("block.conv1", 16, ["block.conv2"], 1.0, counts=[4, 8, 12, 16])
-    solutions = [(np.arange(k), None) for k in plan.counts]          # keep the first k channels, sliced
-    damages = sensitivity.damages(plan, solutions)
-    assert damages[-1] == 0.0 and all(a >= b for a, b in zip(damages, damages[1:])) and damages[0] > 0
     graph = graphs.import_graph(prepared)
     apply_keep(graph, group_of(find_groups(graph), "block.conv1"), np.arange(8), None)
     alone = compare_outputs(model, graphs.export(graph, prepared), holdout, 1)
-    assert damages[1] == pytest.approx(alone.relative_l2 ** 2, rel=1e-4)
+    plan = GroupPlan("block.conv1", 16, ["block.conv2"], 1.0, counts=[4, 8, 12, 16])
+    solutions = [(np.arange(k), None) for k in plan.counts]          # keep the first k channels, sliced
+    for metric, expected in (("auto", alone.kl), ("error", alone.relative_l2 ** 2)):
+        sensitivity = OutputSensitivity(prepared, list(holdout.batches(8)), 1, metric=metric)
+        assert sensitivity.metric == ("kl" if metric == "auto" else metric)
+        damages = sensitivity.damages(plan, solutions)
+        assert damages[-1] == 0.0 and all(a >= b for a, b in zip(damages, damages[1:])) and damages[0] > 0
+        assert damages[1] == pytest.approx(expected, rel=1e-4)
+    with pytest.raises(UserError, match="cannot measure 'top1_drop'"):
+        OutputSensitivity(prepared, list(holdout.batches(8)), 1, metric="top1_drop")
     result = compress_prune(model, _data(80), holdout, CompressOptions(speedup=1.3, method="prune", rows_per_layer=2000,
                                                                        allocation="sensitivity"))
     _check_model(model, result, 1.3)
