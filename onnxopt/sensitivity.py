@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
+from scipy.special import log_softmax
 
 from onnxopt import graph as graphs
 from onnxopt.calib.capture import CutRunner, cut_before
@@ -88,12 +89,6 @@ class Analysis:
         return "kl" if "kl" in self.metrics else "error"
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=1, keepdims=True)
-
-
 class OutputReference:
     """The original model's outputs on the evaluation batches, and how far a variant moves them."""
 
@@ -103,7 +98,7 @@ class OutputReference:
         first = self.values[0][0] if self.values else np.zeros((0, 0))
         self.classifier = first.ndim == 2 and first.shape[1] > 1
         self.labels = labels
-        self.log_probs = [np.log(np.clip(_softmax(batch[0]), 1e-30, None)) for batch in self.values] if self.classifier else None
+        self.log_probs = [log_softmax(batch[0], axis=1) for batch in self.values] if self.classifier else None
         self.base_top1 = self.top1([batch[0] for batch in self.values]) if labels is not None and self.classifier else None
 
     def top1(self, logits: list[np.ndarray]) -> float:
@@ -121,7 +116,7 @@ class OutputReference:
             if self.classifier:
                 got = values[self.outputs[0]].astype(np.float64)
                 ref_p = np.exp(self.log_probs[index])
-                kl += float((ref_p * (self.log_probs[index] - np.log(np.clip(_softmax(got), 1e-30, None)))).sum())
+                kl += float((ref_p * (self.log_probs[index] - log_softmax(got, axis=1))).sum())
                 rows += len(got)
                 logits.append(got)
         result = {"error": error / max(norm, 1e-30)}

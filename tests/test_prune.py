@@ -330,7 +330,7 @@ def test_sensitivity_damage_is_the_measured_output_change_of_the_group_alone():
         assert sensitivity.metric == ("kl" if metric == "auto" else metric)
         damages = sensitivity.damages(plan, solutions)
         assert damages[-1] == 0.0 and all(a >= b for a, b in zip(damages, damages[1:])) and damages[0] > 0
-        assert damages[1] == pytest.approx(expected, rel=1e-4)
+        assert damages[1] == pytest.approx(expected, rel=1e-6)
     with pytest.raises(UserError, match="cannot measure 'top1_drop'"):
         OutputSensitivity(prepared, list(holdout.batches(8)), 1, metric="top1_drop")
     result = compress_prune(model, _data(80), holdout, CompressOptions(speedup=1.3, method="prune", rows_per_layer=2000,
