@@ -68,7 +68,7 @@ class CompressOptions:
     latency_batch: int = 8
     threads: int = 0
     sensitivity_grid: int = 8       # ranks / keep counts measured per layer (--allocation sensitivity, analyze)
-    sensitivity_metric: str = "auto"  # "auto" (kl for classifiers, else error), "error", "kl", "top1_drop"
+    sensitivity_metric: str = "auto"  # "auto" (kl for classifiers, else error), "error", "kl", "top1_drop" (low-rank only); low-rank and pruning
     cache_dir: Path | None = field(default_factory=default_dir)   # None: no disk cache
     vbmf_weaken: float = 0.8        # tucker2: MUSCO's weakening factor of the EVBMF ranks, in (0, 1]
     compression_stages: int = 1     # tucker2: MUSCO stages (--stages; not --calib-stages)
