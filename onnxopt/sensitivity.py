@@ -32,6 +32,7 @@ from onnxopt import graph as graphs
 from onnxopt.calib.capture import CutRunner, cut_before
 from onnxopt.layers import Layer, find_layers, shape_text
 from onnxopt.passes import allocation, lowrank
+from onnxopt.verify import summed_kl
 
 METRICS = ("error", "kl", "top1_drop")
 
@@ -115,8 +116,7 @@ class OutputReference:
                 norm += float(np.square(ref).sum())
             if self.classifier:
                 got = values[self.outputs[0]].astype(np.float64)
-                ref_p = np.exp(self.log_probs[index])
-                kl += float((ref_p * (self.log_probs[index] - log_softmax(got, axis=1))).sum())
+                kl += summed_kl(self.log_probs[index], got)
                 rows += len(got)
                 logits.append(got)
         result = {"error": error / max(norm, 1e-30)}

@@ -66,6 +66,13 @@ def check_structure(original: onnx.ModelProto, compressed: onnx.ModelProto) -> N
         raise VerificationError("the rewritten model's outputs differ from the original's")
 
 
+def summed_kl(reference_log_probs: np.ndarray, logits: np.ndarray) -> float:
+    """``sum_rows KL(p || softmax logits)`` with ``p = exp(reference_log_probs)`` (log-softmax of
+    the original's logits, rows = samples)."""
+    log_q = log_softmax(np.asarray(logits, np.float64), axis=1)
+    return float((np.exp(reference_log_probs) * (reference_log_probs - log_q)).sum())
+
+
 def compare_outputs(original: onnx.ModelProto, compressed: onnx.ModelProto, data: DataSource,
                     threads: int = 0, batch_size: int = 32) -> Verification:
     """Output difference of ``compressed`` against ``original`` on ``data``."""
@@ -93,8 +100,7 @@ def compare_outputs(original: onnx.ModelProto, compressed: onnx.ModelProto, data
         if first_e.ndim == 2 and first_e.shape[1] > 1:
             agree += int((first_e.argmax(1) == first_g.argmax(1)).sum())
             rows += first_e.shape[0]
-            log_e, log_g = (log_softmax(np.asarray(z, np.float64), axis=1) for z in (first_e, first_g))
-            kl += float((np.exp(log_e) * (log_e - log_g)).sum())
+            kl += summed_kl(log_softmax(np.asarray(first_e, np.float64), axis=1), first_g)
     return Verification(
         samples=samples,
         max_abs_diff=max_abs,
@@ -102,7 +108,6 @@ def compare_outputs(original: onnx.ModelProto, compressed: onnx.ModelProto, data
         top1_agreement=agree / rows if rows else None,
         kl=kl / rows if rows else None,
     )
-
 
 
 def verify(original: onnx.ModelProto, compressed: onnx.ModelProto, data: DataSource, threads: int = 0) -> Verification:
