@@ -103,6 +103,26 @@ class SufficientStats:
         self.n = total
 
 
+def merged(parts: list[SufficientStats]) -> SufficientStats:
+    """The statistics of the union of the rows behind ``parts`` (Chan et al. pairwise combine)."""
+    total = SufficientStats(len(parts[0].mean_x), None if parts[0].mean_y is None else len(parts[0].mean_y))
+    for part in parts:
+        if part.n == 0:
+            continue
+        n = total.n + part.n
+        dx = part.mean_x - total.mean_x
+        weight = total.n * part.n / n
+        total.sxx += part.sxx + np.outer(dx, dx) * weight
+        if total.sxy is not None:
+            dy = part.mean_y - total.mean_y
+            total.sxy += part.sxy + np.outer(dx, dy) * weight
+            total.syy += part.syy + np.outer(dy, dy) * weight
+            total.mean_y += dy * (part.n / n)
+        total.mean_x += dx * (part.n / n)
+        total.n = n
+    return total
+
+
 class RowSample:
     """Rows kept as float32 for solvers that need them (the ReLU-aware ones), up to a cap."""
 

@@ -31,7 +31,10 @@
    residual ``Add`` is reconstructed toward ``Y_branch_orig + (Y_short_orig - Y_short_cur)``.
    Select the kept channels (He et al. LASSO path, ``prune``; or the lowest std / L1 filters
    removed, ``filter-std`` / ``filter-l1``), refit each consumer by least squares on the kept
-   input columns, and rewrite the graph (``channel_groups.apply_keep``). A consumer with
+   input columns, shrunk toward its original weights by an amount cross-validated over
+   ``FOLDS`` folds of the calibration images (``prune.cross_validated_shrinkage``; the
+   allocation's refits in step 3 are plain least squares), and rewrite the graph
+   (``channel_groups.apply_keep``). A consumer with
    fewer than ``MIN_ROWS_PER_COLUMN`` sampled rows per kept column (a classifier after
    global pooling gives one row per image) is not refit: its sliced weights stay. Last, the
    model's head (its last layer), when no group's consumers include it (a classifier reading
@@ -59,7 +62,7 @@ from threadpoolctl import threadpool_limits
 from onnxopt import graph as graphs
 from onnxopt.calib.capture import CutRunner, cut_before
 from onnxopt.calib.readers import DataSource
-from onnxopt.calib.stats import SufficientStats, extract_patches, responses_at, sample_positions
+from onnxopt.calib.stats import SufficientStats, extract_patches, merged, responses_at, sample_positions
 from onnxopt.errors import UserError
 from onnxopt.layers import Layer, find_layers, gemm_weight_and_bias, model_macs
 from onnxopt.passes import allocation, prune
@@ -74,6 +77,7 @@ METHODS = ("prune", "filter-std", "filter-l1")
 MAX_STATS_DIM = 4608          # consumer input columns (c*kh*kw) above which statistics are not kept
 MAX_OPTIONS = 32              # keep-count options per group
 MIN_ROWS_PER_COLUMN = 4       # least-squares refit only with at least this many rows per input column
+FOLDS = 4                     # cross-validation folds (by image) for the refit's shrinkage toward the original weights
 
 
 @dataclass
@@ -175,13 +179,16 @@ class ConsumerSampler:
 
     def collect(self, model: onnx.ModelProto, runner: CutRunner, consumers: list[gs.Node],
                 targets: dict[str, list[np.ndarray]] | None, progress: Progress | None = None,
-                label: str = "") -> tuple[dict[str, SufficientStats], dict[str, list[np.ndarray]]]:
+                label: str = "") -> tuple[dict[str, SufficientStats], dict[str, list[np.ndarray]],
+                                          dict[str, list[tuple[prune.LinearStats, prune.LinearStats]]]]:
         """Statistics of each consumer's (input rows, target rows).
 
         ``targets`` None: this is the ORIGINAL model; its responses are the targets and are
         returned (with the shortcut rows under ``name + SHORTCUT``). Otherwise the targets are
         the stored original rows, corrected by ``Y_short_orig - Y_short_cur`` for residual
-        consumers.
+        consumers, and the rows are also split by image into ``FOLDS`` folds for the
+        cross-validated shrinkage of the refit: per consumer, (statistics of the other folds,
+        of the fold) for each fold.
         """
         names = []
         for node in consumers:
@@ -192,6 +199,7 @@ class ConsumerSampler:
                 names.append(self.shortcuts[_node_name(node)])
         names = list(dict.fromkeys(names))
         stats: dict[str, SufficientStats] = {}
+        folds: dict[str, list[SufficientStats]] = {}
         recorded: dict[str, list[np.ndarray]] = {}
         done = 0
         total = len(runner)
@@ -218,13 +226,25 @@ class ConsumerSampler:
                     y = targets[name][batch_index].astype(np.float64)
                     if shortcut is not None and name + SHORTCUT in targets:
                         y = y + targets[name + SHORTCUT][batch_index] - responses_at(values[shortcut], positions)
-                if name not in stats:
-                    stats[name] = SufficientStats(rows.shape[1], y.shape[1])
-                stats[name].update(rows, y)
+                if targets is None:
+                    if name not in stats:
+                        stats[name] = SufficientStats(rows.shape[1], y.shape[1])
+                    stats[name].update(rows, y)
+                    continue
+                if name not in folds:
+                    folds[name] = [SufficientStats(rows.shape[1], y.shape[1]) for _ in range(FOLDS)]
+                image = done + (positions.image if positions is not None else np.arange(len(rows)))
+                for fold, part in enumerate(folds[name]):
+                    chosen = image % FOLDS == fold
+                    part.update(rows[chosen], y[chosen])
             done += len(next(iter(values.values())))
             if progress:
                 progress(label, done, total)
-        return stats, recorded
+        splits = {}
+        for name, parts in folds.items():
+            stats[name] = merged(parts)
+            splits[name] = [(_as_linear(merged(parts[:f] + parts[f + 1:])), _as_linear(part)) for f, part in enumerate(parts)]
+        return stats, recorded, splits
 
 
 # ---------------------------------------------------------------------------- selection
@@ -259,8 +279,12 @@ def _kept_columns(group: ChannelGroup, member: Member, keep: np.ndarray) -> np.n
 
 
 def _refit(group: ChannelGroup, keep: np.ndarray, stats: dict[str, prune.LinearStats],
-           unfitted: set[str] | None = None) -> tuple[dict, float, float, dict]:
-    """Least-squares refit of every consumer on the kept columns.
+           unfitted: set[str] | None = None, splits: dict | None = None,
+           shrinkages: dict[str, float] | None = None) -> tuple[dict, float, float, dict]:
+    """Least-squares refit of every consumer on the kept columns; for a consumer with
+    cross-validation ``splits`` (``ConsumerSampler.collect``), shrunk toward its original
+    weights by the cross-validated amount (``prune.cross_validated_shrinkage``; recorded in
+    ``shrinkages``).
 
     A consumer with fewer than ``MIN_ROWS_PER_COLUMN`` sampled rows per kept input column
     (e.g. a classifier conv after global pooling: one row per image) keeps its sliced
@@ -277,7 +301,13 @@ def _refit(group: ChannelGroup, keep: np.ndarray, stats: dict[str, prune.LinearS
         columns = _kept_columns(group, member, keep)
         full = _consumer_weight(node)
         if s.n >= MIN_ROWS_PER_COLUMN * len(columns):
-            weight, bias = prune.least_squares(s, columns)
+            if splits and name in splits:
+                shrinkage = prune.cross_validated_shrinkage(splits[name], columns, full[:, columns])
+                weight, bias = prune.least_squares(s, columns, full[:, columns], shrinkage)
+                if shrinkages is not None:
+                    shrinkages[name] = shrinkage
+            else:
+                weight, bias = prune.least_squares(s, columns)
         else:       # too few rows: a refit would overfit; keep the sliced original weights
             weight, bias = full[:, columns], _consumer_bias(node)
             unfitted.add(name)
@@ -376,14 +406,16 @@ def _refit_head(graph: gs.Graph, prepared: onnx.ModelProto, analysis: PruneAnaly
     node = next(n for n in graph.nodes if _node_name(n) == analysis.head)
     current = graphs.export(graph, prepared)
     runner.advance(current, cut_before(graph, node))
-    raw, _ = analysis.sampler.collect(current, runner, [node], analysis.targets, progress, "head")
+    raw, _, splits = analysis.sampler.collect(current, runner, [node], analysis.targets, progress, "head")
     stats = _as_linear(raw[analysis.head])
     columns = np.arange(stats.sxx.shape[0])
     if stats.n < MIN_ROWS_PER_COLUMN * len(columns):
         return None
-    before = prune.relative_error(stats, _consumer_weight(node), columns, _consumer_bias(node))
+    original = _consumer_weight(node)
+    before = prune.relative_error(stats, original, columns, _consumer_bias(node))
     with threadpool_limits(limits=1, user_api="blas"):
-        weight, bias = prune.least_squares(stats, columns)
+        shrinkage = prune.cross_validated_shrinkage(splits[analysis.head], columns, original)
+        weight, bias = prune.least_squares(stats, columns, original, shrinkage)
     set_weights(node, _onnx_weight(node, weight), bias.astype(np.float32))
     return before, prune.relative_error(stats, weight, columns, bias)
 
@@ -645,8 +677,8 @@ def analyze_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Dat
         batch = batch_size_for(floats)
         samples = list(calib.batches(batch))
         sampler = ConsumerSampler(max(1, math.ceil(options.rows_per_layer / len(calib))), options.seed, shortcuts)
-        stats, targets = sampler.collect(prepared, CutRunner(samples, options.threads), list(consumer_nodes.values()),
-                                         None, progress, "original model")
+        stats, targets, _ = sampler.collect(prepared, CutRunner(samples, options.threads), list(consumer_nodes.values()),
+                                            None, progress, "original model")
         original_stats = {name: _as_linear(s) for name, s in stats.items()}
         del stats
         timings["capture_original"] = time.perf_counter() - t0
@@ -730,6 +762,7 @@ def compress_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Da
     kept_by_producer: dict[str, tuple[int, int]] = {}
     sampled: dict[str, tuple[int, int]] = {}           # sampler plans: (kept, all) input channels
     unfitted: set[str] = set()
+    shrinkages: dict[str, float] = {}
     for number, plan in enumerate(chosen, 1):
         group = _group(plan, graph)
         stats = None
@@ -737,13 +770,13 @@ def compress_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Da
             current = graphs.export(graph, prepared)
             runner.advance(current, cut_before(graph, _cut_node(group)))
             consumers = [m.node for m in group.consumers]
-            raw, _ = sampler.collect(current, runner, consumers, targets, progress, f"group {number}/{len(chosen)}")
+            raw, _, splits = sampler.collect(current, runner, consumers, targets, progress, f"group {number}/{len(chosen)}")
             stats = {name: _as_linear(s) for name, s in raw.items()}
         with threadpool_limits(limits=1, user_api="blas"):
             keep = _select(method, group, plan, plan.keep, stats)
             weights = None
             if data:
-                weights, _, _, errors = _refit(group, keep, stats, unfitted)
+                weights, _, _, errors = _refit(group, keep, stats, unfitted, splits, shrinkages)
                 consumer_errors.update(errors)
         _apply(plan, graph, group, keep, weights)
         if plan.sampler:
@@ -786,6 +819,8 @@ def compress_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Da
                 result.solver = "ls refit of the head toward the original outputs"
             if layer.name in sampled:
                 result.solver += " (input channels %d/%d through a Gather sampler)" % sampled[layer.name]
+            if shrinkages.get(layer.name):
+                result.solver += f" (shrunk toward the original weights, s={shrinkages[layer.name]:g}, cross-validated)"
             if layer.name in unfitted:
                 result.solver += " (sliced, no refit: too few calibration rows)"
             if layer.name in consumer_errors:

@@ -57,3 +57,24 @@ def test_streaming_statistics_match_batch_computation():
     np.testing.assert_allclose(stats.sxy, xc.T @ yc, rtol=1e-10)
     np.testing.assert_allclose(stats.mean_y, y.mean(0), rtol=1e-12)
     assert stats.n == 500
+
+
+def test_merged_statistics_are_those_of_the_union_of_rows():
+    from onnxopt.calib.stats import merged
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((300, 5)) * 2 + 1
+    y = x @ rng.standard_normal((5, 3)) + rng.standard_normal((300, 3))
+    parts = []
+    for chunk in (slice(0, 40), slice(40, 41), slice(41, 41), slice(41, 300)):
+        part = SufficientStats(5, 3)
+        part.update(x[chunk], y[chunk])
+        parts.append(part)
+    total = merged(parts)
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    np.testing.assert_allclose(total.sxx, xc.T @ xc, rtol=1e-10)
+    np.testing.assert_allclose(total.sxy, xc.T @ yc, rtol=1e-10)
+    np.testing.assert_allclose(total.syy, yc.T @ yc, rtol=1e-10)
+    np.testing.assert_allclose(total.mean_x, x.mean(0), rtol=1e-12)
+    assert total.n == 300
+

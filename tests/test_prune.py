@@ -115,6 +115,41 @@ def test_least_squares_recovers_a_linear_map():
     assert prune.relative_error(s, weight, columns, bias) < 1e-5
 
 
+def _folds(x, y, folds=4):
+    parts = [_stats(x[f::folds], y[f::folds]) for f in range(folds)]
+    return [(_stats(np.concatenate([x[g::folds] for g in range(folds) if g != f]),
+                    np.concatenate([y[g::folds] for g in range(folds) if g != f])), parts[f]) for f in range(folds)]
+
+
+def test_cross_validated_shrinkage_trusts_the_data_when_it_determines_the_map():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((4000, 6))
+    true_weight = rng.standard_normal((3, 6))
+    y = x @ true_weight.T + 0.01 * rng.standard_normal((4000, 3))
+    wrong_prior = true_weight + rng.standard_normal(true_weight.shape)
+    columns = np.arange(6)
+    assert prune.cross_validated_shrinkage(_folds(x, y), columns, wrong_prior) == 0.0
+    weight, _ = prune.least_squares(_stats(x, y), columns, wrong_prior, 0.0)
+    np.testing.assert_allclose(weight, true_weight, atol=1e-3)
+
+
+def test_cross_validated_shrinkage_keeps_the_prior_when_the_rows_are_too_few():
+    """30 noisy rows for 20 weights per output: least squares overfits; the original weights
+    (the prior) predict other rows better, and cross-validation finds that."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((30, 20))
+    prior = rng.standard_normal((4, 20))
+    y = x @ prior.T + 2.0 * rng.standard_normal((30, 4))
+    columns = np.arange(20)
+    shrinkage = prune.cross_validated_shrinkage(_folds(x, y), columns, prior)
+    assert shrinkage >= 1.0
+    shrunk, _ = prune.least_squares(_stats(x, y), columns, prior, shrinkage)
+    plain, _ = prune.least_squares(_stats(x, y), columns)
+    assert np.linalg.norm(shrunk - prior) < 0.5 * np.linalg.norm(plain - prior)
+    huge, _ = prune.least_squares(_stats(x, y), columns, prior, 1e9)
+    np.testing.assert_allclose(huge, prior, atol=1e-6)
+
+
 def test_filter_scores_and_ranking():
     weight = np.stack([np.full((2, 3, 3), 1.0), np.arange(18.0).reshape(2, 3, 3), -np.arange(18.0).reshape(2, 3, 3) * 2])
     np.testing.assert_allclose(prune.filter_scores(weight, "std"), [0.0, np.arange(18.0).std(), 2 * np.arange(18.0).std()])
