@@ -180,15 +180,14 @@ class ConsumerSampler:
     def collect(self, model: onnx.ModelProto, runner: CutRunner, consumers: list[gs.Node],
                 targets: dict[str, list[np.ndarray]] | None, progress: Progress | None = None,
                 label: str = "") -> tuple[dict[str, SufficientStats], dict[str, list[np.ndarray]],
-                                          dict[str, list[tuple[prune.LinearStats, prune.LinearStats]]]]:
+                                          dict[str, list[SufficientStats]]]:
         """Statistics of each consumer's (input rows, target rows).
 
         ``targets`` None: this is the ORIGINAL model; its responses are the targets and are
         returned (with the shortcut rows under ``name + SHORTCUT``). Otherwise the targets are
         the stored original rows, corrected by ``Y_short_orig - Y_short_cur`` for residual
-        consumers, and the rows are also split by image into ``FOLDS`` folds for the
-        cross-validated shrinkage of the refit: per consumer, (statistics of the other folds,
-        of the fold) for each fold.
+        consumers, and the statistics of ``FOLDS`` folds of the images are also returned, for
+        the cross-validated shrinkage of the refit.
         """
         names = []
         for node in consumers:
@@ -240,11 +239,9 @@ class ConsumerSampler:
             done += len(next(iter(values.values())))
             if progress:
                 progress(label, done, total)
-        splits = {}
         for name, parts in folds.items():
             stats[name] = merged(parts)
-            splits[name] = [(_as_linear(merged(parts[:f] + parts[f + 1:])), _as_linear(part)) for f, part in enumerate(parts)]
-        return stats, recorded, splits
+        return stats, recorded, folds
 
 
 # ---------------------------------------------------------------------------- selection
@@ -279,12 +276,12 @@ def _kept_columns(group: ChannelGroup, member: Member, keep: np.ndarray) -> np.n
 
 
 def _refit(group: ChannelGroup, keep: np.ndarray, stats: dict[str, prune.LinearStats],
-           unfitted: set[str] | None = None, splits: dict | None = None,
+           unfitted: set[str] | None = None, folds: dict[str, list[SufficientStats]] | None = None,
            shrinkages: dict[str, float] | None = None) -> tuple[dict, float, float, dict]:
-    """Least-squares refit of every consumer on the kept columns; for a consumer with
-    cross-validation ``splits`` (``ConsumerSampler.collect``), shrunk toward its original
-    weights by the cross-validated amount (``prune.cross_validated_shrinkage``; recorded in
-    ``shrinkages``).
+    """Least-squares refit of every consumer on the kept columns; for a consumer with the
+    statistics of ``folds`` of the images (``ConsumerSampler.collect``), shrunk toward its
+    current weights (the original ones unless an earlier group's refit changed them) by the
+    cross-validated amount (``prune.cross_validated_shrinkage``; recorded in ``shrinkages``).
 
     A consumer with fewer than ``MIN_ROWS_PER_COLUMN`` sampled rows per kept input column
     (e.g. a classifier conv after global pooling: one row per image) keeps its sliced
@@ -301,8 +298,8 @@ def _refit(group: ChannelGroup, keep: np.ndarray, stats: dict[str, prune.LinearS
         columns = _kept_columns(group, member, keep)
         full = _consumer_weight(node)
         if s.n >= MIN_ROWS_PER_COLUMN * len(columns):
-            if splits and name in splits:
-                shrinkage = prune.cross_validated_shrinkage(splits[name], columns, full[:, columns])
+            if folds and name in folds:
+                shrinkage = prune.cross_validated_shrinkage(s, [_as_linear(f) for f in folds[name]], columns, full[:, columns])
                 weight, bias = prune.least_squares(s, columns, full[:, columns], shrinkage)
                 if shrinkages is not None:
                     shrinkages[name] = shrinkage
@@ -406,7 +403,7 @@ def _refit_head(graph: gs.Graph, prepared: onnx.ModelProto, analysis: PruneAnaly
     node = next(n for n in graph.nodes if _node_name(n) == analysis.head)
     current = graphs.export(graph, prepared)
     runner.advance(current, cut_before(graph, node))
-    raw, _, splits = analysis.sampler.collect(current, runner, [node], analysis.targets, progress, "head")
+    raw, _, folds = analysis.sampler.collect(current, runner, [node], analysis.targets, progress, "head")
     stats = _as_linear(raw[analysis.head])
     columns = np.arange(stats.sxx.shape[0])
     if stats.n < MIN_ROWS_PER_COLUMN * len(columns):
@@ -414,7 +411,7 @@ def _refit_head(graph: gs.Graph, prepared: onnx.ModelProto, analysis: PruneAnaly
     original = _consumer_weight(node)
     before = prune.relative_error(stats, original, columns, _consumer_bias(node))
     with threadpool_limits(limits=1, user_api="blas"):
-        shrinkage = prune.cross_validated_shrinkage(splits[analysis.head], columns, original)
+        shrinkage = prune.cross_validated_shrinkage(stats, [_as_linear(f) for f in folds[analysis.head]], columns, original)
         weight, bias = prune.least_squares(stats, columns, original, shrinkage)
     set_weights(node, _onnx_weight(node, weight), bias.astype(np.float32))
     return before, prune.relative_error(stats, weight, columns, bias)
@@ -770,13 +767,13 @@ def compress_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Da
             current = graphs.export(graph, prepared)
             runner.advance(current, cut_before(graph, _cut_node(group)))
             consumers = [m.node for m in group.consumers]
-            raw, _, splits = sampler.collect(current, runner, consumers, targets, progress, f"group {number}/{len(chosen)}")
+            raw, _, folds = sampler.collect(current, runner, consumers, targets, progress, f"group {number}/{len(chosen)}")
             stats = {name: _as_linear(s) for name, s in raw.items()}
         with threadpool_limits(limits=1, user_api="blas"):
             keep = _select(method, group, plan, plan.keep, stats)
             weights = None
             if data:
-                weights, _, _, errors = _refit(group, keep, stats, unfitted, splits, shrinkages)
+                weights, _, _, errors = _refit(group, keep, stats, unfitted, folds, shrinkages)
                 consumer_errors.update(errors)
         _apply(plan, graph, group, keep, weights)
         if plan.sampler:

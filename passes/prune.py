@@ -39,7 +39,8 @@ original weights ``W0`` of the kept columns (ridge regression with a prior mean)
 ``s = 0`` being least squares and ``s -> inf`` the original weights (with the bias refit).
 ``s`` is chosen per consumer by K-fold cross-validation on the statistics alone: each fold's
 squared error ``tr(Syy) - 2 tr(W^T Sxy) + tr(W^T Sxx W) + n ||ybar - W^T xbar - b||^2`` under
-the fit on the other folds (one eigendecomposition per fold serves the whole grid).
+the fit on the other folds, whose statistics are the total's minus the fold's (one
+eigendecomposition per fold serves the whole grid).
 
 **Data-free filter ranking** (producer side: a filter = one output channel):
 
@@ -179,22 +180,43 @@ def least_squares(stats: LinearStats, columns: np.ndarray, prior: np.ndarray | N
     return weight, bias
 
 
-def cross_validated_shrinkage(splits: list[tuple[LinearStats, LinearStats]], columns: np.ndarray, prior: np.ndarray,
+def _on_columns(stats: LinearStats, columns: np.ndarray) -> LinearStats:
+    """The statistics of the input ``columns`` only."""
+    return LinearStats(stats.sxx[np.ix_(columns, columns)], stats.sxy[columns], stats.syy, stats.mean_x[columns],
+                       stats.mean_y, stats.n)
+
+
+def _without(total: LinearStats, part: LinearStats) -> LinearStats:
+    """The statistics of the rows of ``total`` that are not in ``part`` (Chan et al.'s pairwise
+    combination, inverted)."""
+    n = total.n - part.n
+    mean_x = (total.n * total.mean_x - part.n * part.mean_x) / n
+    mean_y = (total.n * total.mean_y - part.n * part.mean_y) / n
+    dx, dy = part.mean_x - mean_x, part.mean_y - mean_y
+    weight = n * part.n / total.n
+    return LinearStats(total.sxx - part.sxx - np.outer(dx, dx) * weight, total.sxy - part.sxy - np.outer(dx, dy) * weight,
+                       total.syy - part.syy - np.outer(dy, dy) * weight, mean_x, mean_y, n)
+
+
+def cross_validated_shrinkage(total: LinearStats, folds: list[LinearStats], columns: np.ndarray, prior: np.ndarray,
                               grid: tuple[float, ...] = SHRINKAGE_GRID) -> float:
-    """The shrinkage toward ``prior`` with the least summed held-out squared error over
-    ``splits`` = (statistics of the other folds, statistics of the held-out fold)."""
+    """The shrinkage toward ``prior`` with the least summed held-out squared error: each of
+    ``folds`` (a partition of the rows behind ``total``) predicted by the fit on the others."""
     columns = np.asarray(columns, dtype=int)
     prior = np.asarray(prior, np.float64)
+    total = _on_columns(total, columns)
+    kept = np.arange(len(columns))
     errors = np.zeros(len(grid))
-    for train, held in splits:
-        a = train.sxx[np.ix_(columns, columns)]
-        scale = _scale(a)
-        values, vectors = np.linalg.eigh(a)
+    for fold in folds:
+        held = _on_columns(fold, columns)
+        train = _without(total, held)
+        scale = _scale(train.sxx)
+        values, vectors = np.linalg.eigh(train.sxx)
         for i, shrinkage in enumerate(grid):
-            rhs = vectors.T @ (train.sxy[columns] + shrinkage * scale * prior.T)
+            rhs = vectors.T @ (train.sxy + shrinkage * scale * prior.T)
             weight = (vectors @ (rhs / (values + (RIDGE + shrinkage) * scale)[:, None])).T
-            bias = train.mean_y - weight @ train.mean_x[columns]
-            errors[i] += squared_error(held, weight, columns, bias)
+            bias = train.mean_y - weight @ train.mean_x
+            errors[i] += squared_error(held, weight, kept, bias)
     return float(grid[int(np.argmin(errors))])
 
 

@@ -116,9 +116,18 @@ def test_least_squares_recovers_a_linear_map():
 
 
 def _folds(x, y, folds=4):
-    parts = [_stats(x[f::folds], y[f::folds]) for f in range(folds)]
-    return [(_stats(np.concatenate([x[g::folds] for g in range(folds) if g != f]),
-                    np.concatenate([y[g::folds] for g in range(folds) if g != f])), parts[f]) for f in range(folds)]
+    return _stats(x, y), [_stats(x[f::folds], y[f::folds]) for f in range(folds)]
+
+
+def test_statistics_of_the_other_folds_are_the_total_minus_the_fold():
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((200, 5)) + 1.5
+    y = x @ rng.standard_normal((5, 2)) + 0.1 * rng.standard_normal((200, 2))
+    rest = prune._without(_stats(x, y), _stats(x[:60], y[:60]))
+    direct = _stats(x[60:], y[60:])
+    for field in ("sxx", "sxy", "syy", "mean_x", "mean_y"):
+        np.testing.assert_allclose(getattr(rest, field), getattr(direct, field), rtol=1e-9, atol=1e-9)
+    assert rest.n == 140
 
 
 def test_cross_validated_shrinkage_trusts_the_data_when_it_determines_the_map():
@@ -128,7 +137,7 @@ def test_cross_validated_shrinkage_trusts_the_data_when_it_determines_the_map():
     y = x @ true_weight.T + 0.01 * rng.standard_normal((4000, 3))
     wrong_prior = true_weight + rng.standard_normal(true_weight.shape)
     columns = np.arange(6)
-    assert prune.cross_validated_shrinkage(_folds(x, y), columns, wrong_prior) == 0.0
+    assert prune.cross_validated_shrinkage(*_folds(x, y), columns, wrong_prior) == 0.0
     weight, _ = prune.least_squares(_stats(x, y), columns, wrong_prior, 0.0)
     np.testing.assert_allclose(weight, true_weight, atol=1e-3)
 
@@ -141,7 +150,7 @@ def test_cross_validated_shrinkage_keeps_the_prior_when_the_rows_are_too_few():
     prior = rng.standard_normal((4, 20))
     y = x @ prior.T + 2.0 * rng.standard_normal((30, 4))
     columns = np.arange(20)
-    shrinkage = prune.cross_validated_shrinkage(_folds(x, y), columns, prior)
+    shrinkage = prune.cross_validated_shrinkage(*_folds(x, y), columns, prior)
     assert shrinkage >= 1.0
     shrunk, _ = prune.least_squares(_stats(x, y), columns, prior, shrinkage)
     plain, _ = prune.least_squares(_stats(x, y), columns)
