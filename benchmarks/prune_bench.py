@@ -117,7 +117,8 @@ def main() -> None:
             latency = {batch: latency_ratio(out, spec.path, batch) for batch in (32, 1)}
             mac_ratio = data["macs_before"] / data["macs_after"]
             row = {
-                "model": model_name, "speedup_target": speedup, "variant": variant, "mac_ratio": mac_ratio,
+                "model": model_name, "speedup_target": speedup, "variant": variant, "date": time.strftime("%Y-%m-%d"),
+                "mac_ratio": mac_ratio,
                 "params_ratio": data["params_before"] / data["params_after"],
                 "top1": accuracy["top1"], "top1_original": base["top1"],
                 "top1_drop_points": 100 * (base["top1"] - accuracy["top1"]),
