@@ -82,44 +82,44 @@ class SufficientStats:
 
     def update(self, x: np.ndarray, y: np.ndarray | None = None) -> None:
         """Add rows ``x`` (n, x_dim) and ``y`` (n, y_dim)."""
-        m = len(x)
-        if m == 0:
+        if len(x) == 0:
             return
         x = np.asarray(x, np.float64)
-        bx = x.mean(0)
-        xc = x - bx
-        total = self.n + m
-        dx = bx - self.mean_x
-        self.sxx += xc.T @ xc + np.outer(dx, dx) * (self.n * m / total)
+        batch = SufficientStats(x.shape[1], None if self.sxy is None else self.sxy.shape[1])
+        batch.n = len(x)
+        batch.mean_x = x.mean(0)
+        xc = x - batch.mean_x
+        batch.sxx = xc.T @ xc
         if self.sxy is not None:
             y = np.asarray(y, np.float64)
-            by = y.mean(0)
-            yc = y - by
-            dy = by - self.mean_y
-            self.sxy += xc.T @ yc + np.outer(dx, dy) * (self.n * m / total)
-            self.syy += yc.T @ yc + np.outer(dy, dy) * (self.n * m / total)
-            self.mean_y += dy * (m / total)
-        self.mean_x += dx * (m / total)
+            batch.mean_y = y.mean(0)
+            yc = y - batch.mean_y
+            batch.sxy = xc.T @ yc
+            batch.syy = yc.T @ yc
+        self.absorb(batch)
+
+    def absorb(self, other: SufficientStats) -> None:
+        """Add the rows behind ``other`` (Chan et al.'s pairwise combination)."""
+        if other.n == 0:
+            return
+        total = self.n + other.n
+        dx = other.mean_x - self.mean_x
+        weight = self.n * other.n / total
+        self.sxx += other.sxx + np.outer(dx, dx) * weight
+        if self.sxy is not None:
+            dy = other.mean_y - self.mean_y
+            self.sxy += other.sxy + np.outer(dx, dy) * weight
+            self.syy += other.syy + np.outer(dy, dy) * weight
+            self.mean_y += dy * (other.n / total)
+        self.mean_x += dx * (other.n / total)
         self.n = total
 
 
 def merged(parts: list[SufficientStats]) -> SufficientStats:
-    """The statistics of the union of the rows behind ``parts`` (Chan et al. pairwise combine)."""
+    """The statistics of the union of the rows behind ``parts``."""
     total = SufficientStats(len(parts[0].mean_x), None if parts[0].mean_y is None else len(parts[0].mean_y))
     for part in parts:
-        if part.n == 0:
-            continue
-        n = total.n + part.n
-        dx = part.mean_x - total.mean_x
-        weight = total.n * part.n / n
-        total.sxx += part.sxx + np.outer(dx, dx) * weight
-        if total.sxy is not None:
-            dy = part.mean_y - total.mean_y
-            total.sxy += part.sxy + np.outer(dx, dy) * weight
-            total.syy += part.syy + np.outer(dy, dy) * weight
-            total.mean_y += dy * (part.n / n)
-        total.mean_x += dx * (part.n / n)
-        total.n = n
+        total.absorb(part)
     return total
 
 
