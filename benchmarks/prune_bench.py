@@ -53,8 +53,8 @@ FILTERS = ["filter-std+ls", "filter-l1+ls", "filter-std", "filter-l1"]
 
 # model (benchmarks/common.py): (--speedup, variants, calibration images, --rows-per-layer, eval limit).
 # ImageNet: 250 of the 350 calibration-half photos (the other 100 are --holdout). CIFAR-10 has
-# 50,000 training images: ResNet-56 calibrates on 4,000 (drop 1.95 against 2.15 with 1,000 and
-# 8,192 rows, `prune` at 2x, measured 2026-12-02).
+# 50,000 training images: ResNet-56 calibrates on 4,000 (`prune` at 2x, measured 2026-12-02 with
+# the same code: drop 1.95, against 2.38 with 1,000 images and 8,192 rows).
 MODELS = {
     "cifar10_resnet56": (2.0, ["prune", "prune+energy", "auto", *FILTERS], 4000, 32768, None),
     "mobilenet_v2": (1.3, ["prune", "prune+energy", *FILTERS], 250, 8192, None),

@@ -275,6 +275,15 @@ def _kept_columns(group: ChannelGroup, member: Member, keep: np.ndarray) -> np.n
     return np.setdiff1d(np.arange(columns), prune.block_columns(removed, block))
 
 
+def _shrunk_least_squares(stats: prune.LinearStats, folds: list[SufficientStats], columns: np.ndarray,
+                          prior: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Least squares on ``columns`` shrunk toward ``prior`` by the amount cross-validated over
+    the ``folds``' statistics: weight, bias and that amount."""
+    shrinkage = prune.cross_validated_shrinkage(stats, [_as_linear(f) for f in folds], columns, prior)
+    weight, bias = prune.least_squares(stats, columns, prior, shrinkage)
+    return weight, bias, shrinkage
+
+
 def _refit(group: ChannelGroup, keep: np.ndarray, stats: dict[str, prune.LinearStats],
            unfitted: set[str] | None = None, folds: dict[str, list[SufficientStats]] | None = None,
            shrinkages: dict[str, float] | None = None) -> tuple[dict, float, float, dict]:
@@ -299,8 +308,7 @@ def _refit(group: ChannelGroup, keep: np.ndarray, stats: dict[str, prune.LinearS
         full = _consumer_weight(node)
         if s.n >= MIN_ROWS_PER_COLUMN * len(columns):
             if folds and name in folds:
-                shrinkage = prune.cross_validated_shrinkage(s, [_as_linear(f) for f in folds[name]], columns, full[:, columns])
-                weight, bias = prune.least_squares(s, columns, full[:, columns], shrinkage)
+                weight, bias, shrinkage = _shrunk_least_squares(s, folds[name], columns, full[:, columns])
                 if shrinkages is not None:
                     shrinkages[name] = shrinkage
             else:
@@ -411,8 +419,7 @@ def _refit_head(graph: gs.Graph, prepared: onnx.ModelProto, analysis: PruneAnaly
     original = _consumer_weight(node)
     before = prune.relative_error(stats, original, columns, _consumer_bias(node))
     with threadpool_limits(limits=1, user_api="blas"):
-        shrinkage = prune.cross_validated_shrinkage(stats, [_as_linear(f) for f in folds[analysis.head]], columns, original)
-        weight, bias = prune.least_squares(stats, columns, original, shrinkage)
+        weight, bias, _ = _shrunk_least_squares(stats, folds[analysis.head], columns, original)
     set_weights(node, _onnx_weight(node, weight), bias.astype(np.float32))
     return before, prune.relative_error(stats, weight, columns, bias)
 
