@@ -29,6 +29,11 @@
    (``calib.capture.CutRunner``) to get the consumers' input patches ``X``; the targets
    ``Y`` come from the original model (asymmetric, He et al. 2017). A consumer that feeds a
    residual ``Add`` is reconstructed toward ``Y_branch_orig + (Y_short_orig - Y_short_cur)``.
+   First, a producer no earlier group refit as a consumer (MobileNetV2's expansion convs,
+   which read the residual stream) is itself refit toward its original outputs on the current
+   inputs (``_refit_producer``): its drift would otherwise pass through the nonlinearity after
+   it. On MobileNetV2 at 1.3x this lowered the held-out KL from 0.282 to 0.271 and from 0.356
+   to 0.339 on two calibration splits (top-1 drop 6.29 -> 5.43, 10.57 -> 8.86).
    Select the kept channels (He et al. LASSO path, ``prune``; or the lowest std / L1 filters
    removed, ``filter-std`` / ``filter-l1``), refit each consumer by least squares on the kept
    input columns, shrunk toward its original weights by an amount cross-validated over
@@ -424,6 +429,50 @@ def _refit_head(graph: gs.Graph, prepared: onnx.ModelProto, analysis: PruneAnaly
     return before, prune.relative_error(stats, weight, columns, bias)
 
 
+def _refittable_producers(graph: gs.Graph, plans: list[GroupPlan], groups: list[ChannelGroup],
+                          exclude: list[str]) -> dict[str, gs.Node]:
+    """Producers of the candidate groups, plain Conv/Gemm layers, each refit toward its
+    original outputs before its group is pruned unless an earlier group refit it as a consumer
+    (``_refit_producer``; e.g. MobileNetV2's expansion convs, which read the residual stream)."""
+    found = {}
+    for plan in plans:
+        if plan.sampler:
+            continue
+        for member in _group(plan, graph, groups).producers:
+            node = member.node
+            name = _node_name(node)
+            if ((node.op == "Conv" and node.attrs.get("group", 1) != 1)
+                    or _consumer_weight(node).shape[1] > MAX_STATS_DIM
+                    or any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude)):
+                continue
+            found[name] = node
+    return found
+
+
+def _refit_producer(graph: gs.Graph, prepared: onnx.ModelProto, analysis: PruneAnalysis, runner: CutRunner,
+                    node: gs.Node, progress: Progress | None, label: str) -> tuple[float, float, float] | None:
+    """Least-squares refit of a group's producer on the CURRENT model's inputs toward the
+    ORIGINAL model's outputs, before the group is pruned (asymmetric, Zhang et al. 2015):
+    pruning upstream moved its inputs, and the nonlinearity after it would pass the drift
+    on in a form no later linear refit can undo. Shrunk toward its weights by the
+    cross-validated amount. Returns (error before, after, shrinkage), or None with too few
+    rows (the producer is left as it is)."""
+    name = _node_name(node)
+    current = graphs.export(graph, prepared)
+    runner.advance(current, cut_before(graph, node))
+    raw, _, folds = analysis.sampler.collect(current, runner, [node], analysis.targets, progress, label)
+    stats = _as_linear(raw[name])
+    columns = np.arange(stats.sxx.shape[0])
+    if stats.n < MIN_ROWS_PER_COLUMN * len(columns):
+        return None
+    original = _consumer_weight(node)
+    before = prune.relative_error(stats, original, columns, _consumer_bias(node))
+    with threadpool_limits(limits=1, user_api="blas"):
+        weight, bias, shrinkage = _shrunk_least_squares(stats, folds[name], columns, original)
+    set_weights(node, _onnx_weight(node, weight), bias.astype(np.float32))
+    return before, prune.relative_error(stats, weight, columns, bias), shrinkage
+
+
 # ---------------------------------------------------------------------------- planning
 
 
@@ -603,6 +652,7 @@ class PruneAnalysis:
     timings: dict[str, float]
     head: str | None = None              # the last layer, refit toward the original outputs at the end
     metric: str | None = None            # what ``plans``' damages measure at the output (OutputSensitivity), else None
+    producers: set[str] = field(default_factory=set)   # producers refit toward their original outputs (targets kept)
 
     @property
     def macs_before(self) -> int:
@@ -665,6 +715,8 @@ def analyze_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Dat
     head = _head(layer_list, consumer_nodes, plans, options.exclude) if data else None
     if head is not None:
         consumer_nodes[head.name] = head.node
+    producer_nodes = _refittable_producers(graph, plans, groups, options.exclude) if data else {}
+    producers_only = [node for name, node in producer_nodes.items() if name not in consumer_nodes]
     shortcuts = {name: layers[name].shortcut.name for name in consumer_nodes
                  if name in layers and layers[name].shortcut is not None}
     targets: dict[str, list[np.ndarray]] = {}
@@ -681,8 +733,10 @@ def analyze_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Dat
         batch = batch_size_for(floats)
         samples = list(calib.batches(batch))
         sampler = ConsumerSampler(max(1, math.ceil(options.rows_per_layer / len(calib))), options.seed, shortcuts)
-        stats, targets, _ = sampler.collect(prepared, CutRunner(samples, options.threads), list(consumer_nodes.values()),
-                                            None, progress, "original model")
+        stats, targets, _ = sampler.collect(prepared, CutRunner(samples, options.threads),
+                                            [*consumer_nodes.values(), *producers_only], None, progress, "original model")
+        for node in producers_only:
+            stats.pop(_node_name(node))
         original_stats = {name: _as_linear(s) for name, s in stats.items()}
         del stats
         timings["capture_original"] = time.perf_counter() - t0
@@ -725,7 +779,8 @@ def analyze_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Dat
             progress("sensitivity", number, len(plans))
     timings["allocate"] = time.perf_counter() - t0
     return PruneAnalysis(prepared, preparation, layer_list, plans, reasons, samples, sampler, targets, round_to, timings,
-                         head.name if head is not None else None, sensitivity.metric if sensitivity is not None else None)
+                         head.name if head is not None else None, sensitivity.metric if sensitivity is not None else None,
+                         set(producer_nodes))
 
 
 def compress_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: DataSource | None,
@@ -767,9 +822,18 @@ def compress_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Da
     sampled: dict[str, tuple[int, int]] = {}           # sampler plans: (kept, all) input channels
     unfitted: set[str] = set()
     shrinkages: dict[str, float] = {}
+    producer_errors: dict[str, tuple[float, float, float]] = {}
     for number, plan in enumerate(chosen, 1):
         group = _group(plan, graph)
         stats = None
+        producer = group.producers[0].node if group.producers else None
+        if (data and producer is not None and _node_name(producer) in analysis.producers
+                and _node_name(producer) not in consumer_errors):
+            refit = _refit_producer(graph, prepared, analysis, runner, producer, progress,
+                                    f"producer {number}/{len(chosen)}")
+            if refit is not None:
+                producer_errors[_node_name(producer)] = refit
+            group = _group(plan, graph)
         if data:
             current = graphs.export(graph, prepared)
             runner.advance(current, cut_before(graph, _cut_node(group)))
@@ -829,6 +893,9 @@ def compress_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Da
                 result.solver += " (sliced, no refit: too few calibration rows)"
             if layer.name in consumer_errors:
                 result.error_before, result.error_after = consumer_errors[layer.name]
+            elif layer.name in producer_errors:
+                result.error_before, result.error_after, shrinkage = producer_errors[layer.name]
+                result.solver += f" (refit toward its original outputs first, s={shrinkage:g})"
         else:
             grouped = layer.op == "Conv" and layer.group > 1 and not layer.is_depthwise   # frozen as a barrier, no group of its own
             result.skipped = reasons.get(layer.name) or (f"grouped conv (group={layer.group}): channels cannot be pruned across groups"

@@ -436,3 +436,22 @@ def test_head_no_group_reaches_is_refit_toward_the_original_outputs():
     few_rows = compress_prune(model, _data(40), None, options)          # 40 rows, under 4 per each of 32 columns: not refit
     for other in (data_free, few_rows):
         assert not next(row for row in other.layers if row.name == "fc").solver
+
+
+def test_producer_reading_a_drifted_stream_is_refit_before_its_group_is_pruned():
+    """``down`` reads the residual stream, which moves once the block's group is pruned; no
+    group refits it as a consumer, so it is refit toward its original outputs before its own
+    group is pruned: its response error can only fall, and its weights change."""
+    model = small_cnn()
+    result = compress_prune(model, _data(200), _data(16, seed=2), CompressOptions(speedup=1.3, method="prune", rows_per_layer=2000))
+    _check_model(model, result, 1.3)
+    rows = {row.name: row for row in result.layers}
+    assert rows["block.conv1"].rank < rows["block.conv1"].full_rank and rows["down"].rank is not None, rows
+    down = rows["down"]
+    assert "refit toward its original outputs first" in down.solver, down
+    assert 0 < down.error_after <= down.error_before, down
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in result.model.graph.initializer}
+    original = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    down_node = next(n for n in result.model.graph.node if n.name == "down")
+    kept = weights[down_node.input[1]]
+    assert not any(np.allclose(kept[0], filt) for filt in original["down.w"])
