@@ -29,11 +29,14 @@
    (``calib.capture.CutRunner``) to get the consumers' input patches ``X``; the targets
    ``Y`` come from the original model (asymmetric, He et al. 2017). A consumer that feeds a
    residual ``Add`` is reconstructed toward ``Y_branch_orig + (Y_short_orig - Y_short_cur)``.
-   First, a producer no earlier group refit as a consumer (MobileNetV2's expansion convs,
-   which read the residual stream) is itself refit toward its original outputs on the current
-   inputs (``_refit_producer``): its drift would otherwise pass through the nonlinearity after
-   it. On MobileNetV2 at 1.3x this lowered the held-out KL from 0.282 to 0.271 and from 0.356
-   to 0.339 on two calibration splits (top-1 drop 6.29 -> 5.43, 10.57 -> 8.86).
+   First (``prune`` only), a producer no earlier group refit as a consumer (MobileNetV2's
+   expansion convs, which read the residual stream) is itself refit toward its original
+   outputs on the current inputs (``_refit_producer``): its drift would otherwise pass through
+   the nonlinearity after it. Measured (README): MobileNetV2 1.3x, the KL divergence from the
+   original on the evaluation photos 0.282 -> 0.271 and 0.356 -> 0.339 on two calibration
+   splits; ResNet-56 2x top-1 drop 1.95 -> 1.79; SqueezeNet 1.5x KL 0.813 -> 0.841. After
+   the ``filter-*`` rankings it hurt (MobileNetV2 ``filter-std`` KL 1.81 -> 2.65), so they
+   do without.
    Select the kept channels (He et al. LASSO path, ``prune``; or the lowest std / L1 filters
    removed, ``filter-std`` / ``filter-l1``), refit each consumer by least squares on the kept
    input columns, shrunk toward its original weights by an amount cross-validated over
@@ -433,7 +436,8 @@ def _refittable_producers(graph: gs.Graph, plans: list[GroupPlan], groups: list[
                           exclude: list[str]) -> dict[str, gs.Node]:
     """Producers of the candidate groups, plain Conv/Gemm layers, each refit toward its
     original outputs before its group is pruned unless an earlier group refit it as a consumer
-    (``_refit_producer``; e.g. MobileNetV2's expansion convs, which read the residual stream)."""
+    (``_refit_producer``; e.g. MobileNetV2's expansion convs, which read the residual stream).
+    ``--method prune`` only (module docstring)."""
     found = {}
     for plan in plans:
         if plan.sampler:
@@ -715,7 +719,7 @@ def analyze_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Dat
     head = _head(layer_list, consumer_nodes, plans, options.exclude) if data else None
     if head is not None:
         consumer_nodes[head.name] = head.node
-    producer_nodes = _refittable_producers(graph, plans, groups, options.exclude) if data else {}
+    producer_nodes = _refittable_producers(graph, plans, groups, options.exclude) if data and method == "prune" else {}
     producers_only = [node for name, node in producer_nodes.items() if name not in consumer_nodes]
     shortcuts = {name: layers[name].shortcut.name for name in consumer_nodes
                  if name in layers and layers[name].shortcut is not None}

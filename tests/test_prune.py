@@ -440,8 +440,9 @@ def test_head_no_group_reaches_is_refit_toward_the_original_outputs():
 
 def test_producer_reading_a_drifted_stream_is_refit_before_its_group_is_pruned():
     """``down`` reads the residual stream, which moves once the block's group is pruned; no
-    group refits it as a consumer, so it is refit toward its original outputs before its own
-    group is pruned: its response error can only fall, and its weights change."""
+    group refits it as a consumer, so ``prune`` refits it toward its original outputs before
+    its own group is pruned: its response error can only fall, and its weights change. The
+    ``filter-*`` methods leave producers alone."""
     model = small_cnn()
     result = compress_prune(model, _data(200), _data(16, seed=2), CompressOptions(speedup=1.3, method="prune", rows_per_layer=2000))
     _check_model(model, result, 1.3)
@@ -455,3 +456,5 @@ def test_producer_reading_a_drifted_stream_is_refit_before_its_group_is_pruned()
     down_node = next(n for n in result.model.graph.node if n.name == "down")
     kept = weights[down_node.input[1]]
     assert not any(np.allclose(kept[0], filt) for filt in original["down.w"])
+    ranked = compress_prune(model, _data(200), _data(16, seed=2), CompressOptions(speedup=1.3, method="filter-l1", rows_per_layer=2000))
+    assert not any("original outputs first" in (row.solver or "") for row in ranked.layers)   # prune only
