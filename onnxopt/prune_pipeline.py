@@ -31,12 +31,12 @@
    residual ``Add`` is reconstructed toward ``Y_branch_orig + (Y_short_orig - Y_short_cur)``.
    First (``prune`` only), a producer no earlier group refit as a consumer (MobileNetV2's
    expansion convs, which read the residual stream) is itself refit toward its original
-   outputs on the current inputs (``_refit_producer``): its drift would otherwise pass through
-   the nonlinearity after it. Measured (README): MobileNetV2 1.3x, the KL divergence from the
-   original on the evaluation photos 0.282 -> 0.271 and 0.356 -> 0.339 on two calibration
-   splits; ResNet-56 2x top-1 drop 1.95 -> 1.79; SqueezeNet 1.5x KL 0.813 -> 0.841. After
-   the ``filter-*`` rankings it hurt (MobileNetV2 ``filter-std`` KL 1.81 -> 2.65), so they
-   do without.
+   outputs on the current inputs (``_refit_toward_original``): its drift would otherwise pass
+   through the nonlinearity after it. Measured (README): MobileNetV2 1.3x, the KL
+   divergence from the original on the evaluation photos 0.282 -> 0.271 and 0.356 -> 0.339
+   on two calibration splits; ResNet-56 2x top-1 drop 1.95 -> 1.79; SqueezeNet 1.5x KL
+   0.813 -> 0.841. After the ``filter-*`` rankings it hurt (MobileNetV2 ``filter-std`` KL
+   1.81 -> 2.65), so they do without.
    Select the kept channels (He et al. LASSO path, ``prune``; or the lowest std / L1 filters
    removed, ``filter-std`` / ``filter-l1``), refit each consumer by least squares on the kept
    input columns, shrunk toward its original weights by an amount cross-validated over
@@ -412,32 +412,21 @@ def _head(layers: list[Layer], consumers: dict[str, gs.Node], plans: list[GroupP
 
 def _refit_head(graph: gs.Graph, prepared: onnx.ModelProto, analysis: PruneAnalysis, runner: CutRunner,
                 progress: Progress | None) -> tuple[float, float] | None:
-    """Least-squares refit of the head on the pruned model's inputs toward the original model's
-    outputs (asymmetric, as every consumer; pruning upstream moves its inputs even where no
-    group reaches it). Returns the relative error of its response before and after, or None
-    when it has too few rows per column to be refit (it is left as it is)."""
+    """Refit of the head toward the original model's outputs (``_refit_toward_original``;
+    pruning upstream moves its inputs even where no group reaches it). Returns the relative
+    error of its response before and after, or None when it has too few rows per column to be
+    refit (it is left as it is)."""
     node = next(n for n in graph.nodes if _node_name(n) == analysis.head)
-    current = graphs.export(graph, prepared)
-    runner.advance(current, cut_before(graph, node))
-    raw, _, folds = analysis.sampler.collect(current, runner, [node], analysis.targets, progress, "head")
-    stats = _as_linear(raw[analysis.head])
-    columns = np.arange(stats.sxx.shape[0])
-    if stats.n < MIN_ROWS_PER_COLUMN * len(columns):
-        return None
-    original = _consumer_weight(node)
-    before = prune.relative_error(stats, original, columns, _consumer_bias(node))
-    with threadpool_limits(limits=1, user_api="blas"):
-        weight, bias, _ = _shrunk_least_squares(stats, folds[analysis.head], columns, original)
-    set_weights(node, _onnx_weight(node, weight), bias.astype(np.float32))
-    return before, prune.relative_error(stats, weight, columns, bias)
+    refit = _refit_toward_original(graph, prepared, analysis, runner, node, progress, "head")
+    return refit[:2] if refit is not None else None
 
 
 def _refittable_producers(graph: gs.Graph, plans: list[GroupPlan], groups: list[ChannelGroup],
                           exclude: list[str]) -> dict[str, gs.Node]:
     """Producers of the candidate groups, plain Conv/Gemm layers, each refit toward its
     original outputs before its group is pruned unless an earlier group refit it as a consumer
-    (``_refit_producer``; e.g. MobileNetV2's expansion convs, which read the residual stream).
-    ``--method prune`` only (module docstring)."""
+    (``_refit_toward_original``; e.g. MobileNetV2's expansion convs, which read the residual
+    stream). ``--method prune`` only (module docstring)."""
     found = {}
     for plan in plans:
         if plan.sampler:
@@ -453,14 +442,13 @@ def _refittable_producers(graph: gs.Graph, plans: list[GroupPlan], groups: list[
     return found
 
 
-def _refit_producer(graph: gs.Graph, prepared: onnx.ModelProto, analysis: PruneAnalysis, runner: CutRunner,
-                    node: gs.Node, progress: Progress | None, label: str) -> tuple[float, float, float] | None:
-    """Least-squares refit of a group's producer on the CURRENT model's inputs toward the
-    ORIGINAL model's outputs, before the group is pruned (asymmetric, Zhang et al. 2015):
-    pruning upstream moved its inputs, and the nonlinearity after it would pass the drift
-    on in a form no later linear refit can undo. Shrunk toward its weights by the
-    cross-validated amount. Returns (error before, after, shrinkage), or None with too few
-    rows (the producer is left as it is)."""
+def _refit_toward_original(graph: gs.Graph, prepared: onnx.ModelProto, analysis: PruneAnalysis, runner: CutRunner,
+                           node: gs.Node, progress: Progress | None, label: str) -> tuple[float, float, float] | None:
+    """Least-squares refit of one layer, all its channels kept, on the CURRENT model's inputs
+    toward the ORIGINAL model's outputs (asymmetric, as every consumer; Zhang et al. 2015):
+    the head at the end, a group's producer before the group is pruned. Shrunk toward its
+    weights by the cross-validated amount. Returns (error before, after, shrinkage), or None
+    with too few rows per column (the layer is left as it is)."""
     name = _node_name(node)
     current = graphs.export(graph, prepared)
     runner.advance(current, cut_before(graph, node))
@@ -833,8 +821,8 @@ def compress_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Da
         producer = group.producers[0].node if group.producers else None
         if (data and producer is not None and _node_name(producer) in analysis.producers
                 and _node_name(producer) not in consumer_errors):
-            refit = _refit_producer(graph, prepared, analysis, runner, producer, progress,
-                                    f"producer {number}/{len(chosen)}")
+            refit = _refit_toward_original(graph, prepared, analysis, runner, producer, progress,
+                                           f"producer {number}/{len(chosen)}")
             if refit is not None:
                 producer_errors[_node_name(producer)] = refit
             group = _group(plan, graph)
