@@ -187,19 +187,21 @@ class ConsumerSampler:
 
     def collect(self, model: onnx.ModelProto, runner: CutRunner, consumers: list[gs.Node],
                 targets: dict[str, list[np.ndarray]] | None, progress: Progress | None = None,
-                label: str = "") -> tuple[dict[str, SufficientStats], dict[str, list[np.ndarray]],
+                label: str = "", record_only: set[str] = frozenset()) -> tuple[dict[str, SufficientStats], dict[str, list[np.ndarray]],
                                           dict[str, list[SufficientStats]]]:
         """Statistics of each consumer's (input rows, target rows).
 
         ``targets`` None: this is the ORIGINAL model; its responses are the targets and are
-        returned (with the shortcut rows under ``name + SHORTCUT``). Otherwise the targets are
+        returned (with the shortcut rows under ``name + SHORTCUT``; consumers named in
+        ``record_only`` get no statistics, only their targets). Otherwise the targets are
         the stored original rows, corrected by ``Y_short_orig - Y_short_cur`` for residual
         consumers, and the statistics of ``FOLDS`` folds of the images are also returned, for
         the cross-validated shrinkage of the refit.
         """
         names = []
         for node in consumers:
-            names.append(node.inputs[0].name)
+            if targets is not None or _node_name(node) not in record_only:
+                names.append(node.inputs[0].name)
             if targets is None:
                 names.append(node.outputs[0].name)
             if _node_name(node) in self.shortcuts:
@@ -213,14 +215,13 @@ class ConsumerSampler:
         for batch_index, values in runner.run(model, names):
             for node in consumers:
                 name = _node_name(node)
-                x = values[node.inputs[0].name]
+                x = values.get(node.inputs[0].name)
                 if targets is None:
                     out = values[node.outputs[0].name]
                     out_shape = out.shape
                 else:
                     out_shape = (x.shape[0], 0, *targets[name + "/hw"][0]) if node.op == "Conv" else None
                 positions = self.positions(name, batch_index, out_shape) if node.op == "Conv" else None
-                rows = _rows(node, x, positions)
                 shortcut = self.shortcuts.get(name)
                 if targets is None:
                     y = responses_at(out, positions) if node.op == "Conv" else out.reshape(out.shape[0], -1)
@@ -229,10 +230,13 @@ class ConsumerSampler:
                         recorded[name + "/hw"] = [out.shape[2:]]
                     if shortcut is not None:
                         recorded.setdefault(name + SHORTCUT, []).append(responses_at(values[shortcut], positions).astype(np.float32))
+                    if name in record_only:
+                        continue
                 else:
                     y = targets[name][batch_index].astype(np.float64)
                     if shortcut is not None and name + SHORTCUT in targets:
                         y = y + targets[name + SHORTCUT][batch_index] - responses_at(values[shortcut], positions)
+                rows = _rows(node, x, positions)
                 if targets is None:
                     if name not in stats:
                         stats[name] = SufficientStats(rows.shape[1], y.shape[1])
@@ -397,6 +401,14 @@ class OutputSensitivity:
         return [float(d) for d in np.interp(plan.counts, counts, [*measured, 0.0])]
 
 
+def _refittable(node: gs.Node, exclude: list[str]) -> bool:
+    """Whether a layer can be refit whole toward its original outputs
+    (``_refit_toward_original``): not grouped, statistics small enough, not excluded."""
+    return not ((node.op == "Conv" and node.attrs.get("group", 1) != 1)
+                or _consumer_weight(node).shape[1] > MAX_STATS_DIM
+                or any(fnmatch.fnmatchcase(_node_name(node), pattern) for pattern in exclude))
+
+
 def _head(layers: list[Layer], consumers: dict[str, gs.Node], plans: list[GroupPlan], exclude: list[str]) -> Layer | None:
     """The model's last layer when no group's refit covers it (e.g. a classifier reading the
     pooled residual stream), else None."""
@@ -404,8 +416,7 @@ def _head(layers: list[Layer], consumers: dict[str, gs.Node], plans: list[GroupP
         return None
     head = layers[-1]
     if (head.unsupported or head.name in consumers or any(p.name == head.name for p in plans)
-            or (head.op == "Conv" and head.group != 1) or _consumer_weight(head.node).shape[1] > MAX_STATS_DIM
-            or any(fnmatch.fnmatchcase(head.name, pattern) for pattern in exclude)):
+            or not _refittable(head.node, exclude)):
         return None
     return head
 
@@ -427,19 +438,8 @@ def _refittable_producers(graph: gs.Graph, plans: list[GroupPlan], groups: list[
     original outputs before its group is pruned unless an earlier group refit it as a consumer
     (``_refit_toward_original``; e.g. MobileNetV2's expansion convs, which read the residual
     stream). ``--method prune`` only (module docstring)."""
-    found = {}
-    for plan in plans:
-        if plan.sampler:
-            continue
-        for member in _group(plan, graph, groups).producers:
-            node = member.node
-            name = _node_name(node)
-            if ((node.op == "Conv" and node.attrs.get("group", 1) != 1)
-                    or _consumer_weight(node).shape[1] > MAX_STATS_DIM
-                    or any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude)):
-                continue
-            found[name] = node
-    return found
+    return {_node_name(member.node): member.node for plan in plans if not plan.sampler
+            for member in _group(plan, graph, groups).producers if _refittable(member.node, exclude)}
 
 
 def _refit_toward_original(graph: gs.Graph, prepared: onnx.ModelProto, analysis: PruneAnalysis, runner: CutRunner,
@@ -726,9 +726,8 @@ def analyze_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Dat
         samples = list(calib.batches(batch))
         sampler = ConsumerSampler(max(1, math.ceil(options.rows_per_layer / len(calib))), options.seed, shortcuts)
         stats, targets, _ = sampler.collect(prepared, CutRunner(samples, options.threads),
-                                            [*consumer_nodes.values(), *producers_only], None, progress, "original model")
-        for node in producers_only:
-            stats.pop(_node_name(node))
+                                            [*consumer_nodes.values(), *producers_only], None, progress, "original model",
+                                            record_only={_node_name(node) for node in producers_only})
         original_stats = {name: _as_linear(s) for name, s in stats.items()}
         del stats
         timings["capture_original"] = time.perf_counter() - t0
@@ -825,7 +824,6 @@ def compress_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Da
                                            f"producer {number}/{len(chosen)}")
             if refit is not None:
                 producer_errors[_node_name(producer)] = refit
-            group = _group(plan, graph)
         if data:
             current = graphs.export(graph, prepared)
             runner.advance(current, cut_before(graph, _cut_node(group)))
