@@ -5,13 +5,14 @@ RSS are the process's own) with:
 
   prune            He et al. 2017: LASSO channel selection + least-squares refit (asymmetric),
                    keep counts allocated by damage measured at the output (the default)
+  prune+greedy     the same, channels selected by backward elimination on the refit's residual
   prune+energy     the same, keep counts allocated by the consumers' reconstruction error
   filter-std+ls    Li, Zhao, Han 2019 std ranking, consumers refit by least squares
   filter-l1+ls     Li et al. 2017 L1 ranking, refit
   filter-std       std ranking, data-free (no --calib: plain removal)
   filter-l1        L1 ranking, data-free
-  auto             pruning and low-rank, split globally or chosen per layer, the candidate
-                   measured on held-out samples
+  auto             pruning (backward elimination) and low-rank, split globally or chosen per
+                   layer, the candidate measured on held-out samples
 
 All variants of a model share the --speedup, hence (up to rounding of the channel counts) the
 same MACs: the value of reconstruction is the accuracy difference between `filter-*` and
@@ -41,6 +42,7 @@ from common import ROOT, evaluate, latency_ratio, machine, markdown, models, onn
 
 VARIANTS = {
     "prune": ["--method", "prune"],
+    "prune+greedy": ["--method", "prune", "--selection", "greedy"],
     "prune+energy": ["--method", "prune", "--allocation", "energy"],
     "filter-std+ls": ["--method", "filter-std"],
     "filter-l1+ls": ["--method", "filter-l1"],
@@ -56,9 +58,9 @@ FILTERS = ["filter-std+ls", "filter-l1+ls", "filter-std", "filter-l1"]
 # 50,000 training images: ResNet-56 calibrates on 4,000 (`prune` at 2x, measured 2026-12-02 with
 # the same code: drop 1.95, against 2.38 with 1,000 images and 8,192 rows).
 MODELS = {
-    "cifar10_resnet56": (2.0, ["prune", "prune+energy", "auto", *FILTERS], 4000, 32768, None),
-    "mobilenet_v2": (1.3, ["prune", "prune+energy", *FILTERS], 250, 8192, None),
-    "squeezenet1.1": (1.5, ["prune", "prune+energy", "auto", *FILTERS], 250, 8192, None),
+    "cifar10_resnet56": (2.0, ["prune", "prune+greedy", "prune+energy", "auto", *FILTERS], 4000, 32768, None),
+    "mobilenet_v2": (1.3, ["prune", "prune+greedy", "prune+energy", *FILTERS], 250, 8192, None),
+    "squeezenet1.1": (1.5, ["prune", "prune+greedy", "prune+energy", "auto", *FILTERS], 250, 8192, None),
 }
 QUICK = {"cifar10_resnet20": (1.3, ["prune", "filter-l1+ls", "filter-l1"], 100, 8192, 200)}
 

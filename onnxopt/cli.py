@@ -127,6 +127,7 @@ def compress(
     allocation: Optional[str] = typer.Option(None, "--allocation", help="Rank allocation under the budget: energy (default), uniform, sensitivity (each layer's rank grid, or each channel group's keep counts, measured at the output on held-out samples; the default with --max-drop and for --method prune), or vbmf (ranks proportional to each layer's weakened EVBMF rank, --vbmf-weaken)."),
     external_data: bool = typer.Option(False, "--external-data", help="Write weights to one OUT.data file beside the model (automatic over 2 GiB)."),
     round_to: int = typer.Option(4, "--round-to", help="Pruning: kept channel counts are multiples of this (1, 4, 8, 16)."),
+    selection: Optional[str] = typer.Option(None, "--selection", help="Channel pruning (prune, and auto's pruning): which channels stay: lasso (He et al.'s LASSO path; the default for prune) or greedy (backward elimination on the refit's residual; the default for auto)."),
     cost: str = typer.Option("macs", "--cost", help="What --speedup divides: macs, or latency (each layer timed in onnxruntime; never slower)."),
     max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Instead of --speedup: the fastest model whose top-1 drop on --eval-data stays within this many points (searched)."),
     eval_data: Optional[Path] = opt.EvalData,
@@ -140,7 +141,7 @@ def compress(
 ) -> None:
     """Compress IN.onnx to a model with SPEEDUP times fewer MACs, calibrated on your data."""
     from onnxopt.graph import load_model, save_model_atomic
-    from onnxopt.pipeline import CompressOptions
+    from onnxopt.pipeline import CompressOptions, check_selection
     from onnxopt.pipeline import compress as run_compress
     from onnxopt.report import compress_tables, search_table, write_json
 
@@ -160,6 +161,9 @@ def compress(
     if sensitivity_grid < 2:
         raise UserError(f"--sensitivity-grid must be at least 2 (got {sensitivity_grid})")
     method = method or ("auto" if max_drop is not None else "lowrank")
+    # auto: backward elimination measured closer to the original than the LASSO path (README)
+    selection = selection or ("greedy" if method == "auto" else "lasso")
+    check_selection(selection)
     # prune: measured damages beat the local reconstruction errors on ResNet-56, SqueezeNet and MobileNetV2 (README)
     allocation = allocation or ("sensitivity" if max_drop is not None or (method == "prune" and calib) else "energy")
     model = load_model(model_path)
@@ -172,7 +176,7 @@ def compress(
         raise UserError(f"--method {method} is data-driven: give calibration data with --calib (an image folder or .npz)")
     options = CompressOptions(speedup=speedup or (1.5 if max_drop is not None else None), method=method, exclude=list(exclude or []), seed=seed,
                               rows_per_layer=rows, stages=stages, threads=threads, solver=solver,
-                              asymmetric=not symmetric, allocation=allocation, cost=cost, round_to=round_to,
+                              asymmetric=not symmetric, allocation=allocation, cost=cost, round_to=round_to, selection=selection,
                               vbmf_weaken=vbmf_weaken, compression_stages=compression_stages, sensitivity_grid=sensitivity_grid)
     search = None
     bar, progress = _progress()
@@ -184,7 +188,7 @@ def compress(
                                               eval_size, labels, label_offset, search_steps, seed, prep)
     save_model_atomic(result.model, output, external_data=external_data)
     data = {"input": str(model_path), "output": str(output), "method": method, "allocation": allocation, "speedup_target": speedup,
-            "preprocess": prep.describe(), "calib": " ".join(calib or []), "seed": seed, **result.to_json()}
+            **({"selection": selection} if method in ("prune", "auto") else {}), "preprocess": prep.describe(), "calib": " ".join(calib or []), "seed": seed, **result.to_json()}
     if search is not None:
         data["max_drop_search"] = search
     if report is not None:

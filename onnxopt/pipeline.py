@@ -46,8 +46,15 @@ SHORTCUT = "/shortcut"
 SOLVERS = ("auto", "linear", "svd")
 ALLOCATIONS = ("energy", "uniform", "sensitivity", "vbmf")
 PRUNE_METHODS = ("prune", "filter-std", "filter-l1")
+SELECTIONS = ("lasso", "greedy")       # --method prune: He et al.'s LASSO path, or backward elimination
 METHODS = ("lowrank", *PRUNE_METHODS, "tucker2", "auto")
 COSTS = ("macs", "latency")
+
+
+def check_selection(selection: str) -> None:
+    """Refuse an unknown ``--selection``."""
+    if selection not in SELECTIONS:
+        raise UserError(f"unknown --selection {selection!r}; choose {' or '.join(SELECTIONS)}")
 
 
 @dataclass
@@ -65,6 +72,7 @@ class CompressOptions:
     allocation: str = "energy"      # "energy" (PCA-energy product, Zhang et al.), "uniform", "sensitivity" (measured)
     cost: str = "macs"              # what --speedup divides: "macs", or "latency" (measured per layer)
     round_to: int = 4               # pruning: kept channel counts are multiples of this
+    selection: str = "lasso"        # --method prune: "lasso" (He et al.'s path) or "greedy" (backward elimination)
     latency_batch: int = 8
     threads: int = 0
     sensitivity_grid: int = 8       # ranks / keep counts measured per layer (--allocation sensitivity, analyze)

@@ -37,8 +37,9 @@
    on two calibration splits; ResNet-56 2x top-1 drop 1.95 -> 1.79; SqueezeNet 1.5x KL
    0.813 -> 0.841. After the ``filter-*`` rankings it hurt (MobileNetV2 ``filter-std`` KL
    1.81 -> 2.65), so they do without.
-   Select the kept channels (He et al. LASSO path, ``prune``; or the lowest std / L1 filters
-   removed, ``filter-std`` / ``filter-l1``), refit each consumer by least squares on the kept
+   Select the kept channels (``prune``: He et al.'s LASSO path, or with ``--selection
+   greedy`` backward elimination on the refit's residual, ``prune.elimination_order``; the
+   lowest std / L1 filters removed, ``filter-std`` / ``filter-l1``), refit each consumer by least squares on the kept
    input columns, shrunk toward its original weights by an amount cross-validated over
    ``FOLDS`` folds of the calibration images (``prune.cross_validated_shrinkage``; the
    allocation's refits in step 3 are plain least squares), and rewrite the graph
@@ -61,6 +62,7 @@ import fnmatch
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -77,7 +79,7 @@ from onnxopt.passes import allocation, prune
 from onnxopt.passes.channel_groups import (ChannelGroup, Member, apply_keep, find_groups, group_of, insert_sampler,
                                            sampler_group, set_weights)
 from onnxopt.pipeline import (SHORTCUT, CompressionResult, CompressOptions, LayerResult, Progress, batch_size_for,
-                              layer_seed, shape_text)
+                              check_selection, layer_seed, shape_text)
 from onnxopt.sensitivity import OutputReference, grid_ranks
 from onnxopt.verify import Verification, verify
 
@@ -336,16 +338,34 @@ def _refit(group: ChannelGroup, keep: np.ndarray, stats: dict[str, prune.LinearS
     return weights, err_sum, energy, errors
 
 
-def _select(method: str, group: ChannelGroup, plan: GroupPlan, keep_count: int,
-            stats: dict[str, prune.LinearStats] | None, path: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
-    """Kept channel indices: LASSO path (``prune``; ``path`` = precomputed (G, coefs)) or ranking."""
-    if method == "prune":
-        if path is None:
-            gram, q, n = _lasso_problem(group, stats)
-            return prune.lasso_select(gram, q, n, keep_count)
-        gram, coefs = path
-        return prune.select_from_path(coefs, keep_count, gram)
-    return prune.rank_select(plan.scores, keep_count)
+def _elimination_problems(group: ChannelGroup, stats: dict[str, prune.LinearStats]) -> list | None:
+    """Per consumer, its statistics and the columns of each group channel (``prune.elimination_order``);
+    None when a consumer has too few rows to be refit (its sliced weights stay: LASSO selects)."""
+    problems = []
+    for member in group.consumers:
+        s = stats[_node_name(member.node)]
+        block = _consumer_block(member.node, member)
+        if s.n < MIN_ROWS_PER_COLUMN * len(s.sxx):
+            return None
+        columns = prune.block_columns(np.arange(group.channels) + member.offset, block).reshape(group.channels, block)
+        problems.append((s, columns))
+    return problems
+
+
+def _selector(options: CompressOptions, group: ChannelGroup, plan: GroupPlan, stats: dict[str, prune.LinearStats] | None,
+              keep_min: int) -> Callable[[int], np.ndarray]:
+    """Kept channel indices by keep count: for ``prune``, backward elimination on the refit's
+    residual (``--selection greedy``, when every consumer is refit) or He et al.'s LASSO path;
+    for ``filter-*``, the ranking."""
+    if options.method != "prune":
+        return lambda count: prune.rank_select(plan.scores, count)
+    problems = _elimination_problems(group, stats) if options.selection == "greedy" else None
+    if problems is not None:
+        order = prune.elimination_order(problems, keep_min)
+        return lambda count: prune.select_from_order(order, group.channels, count)
+    gram, q, n = _lasso_problem(group, stats)
+    coefs = prune.lasso_path(gram, q, n)
+    return lambda count: prune.select_from_path(coefs, count, gram)
 
 
 # ---------------------------------------------------------------------------- measured damage
@@ -663,6 +683,7 @@ def _check_options(options: CompressOptions, data: bool) -> int:
         raise UserError(f"--round-to must be at least 1 (got {round_to})")
     if getattr(options, "cost", "macs") != "macs":
         raise UserError(f"--cost {options.cost} is not available for --method {method}; channel pruning targets MACs (use --cost macs)")
+    check_selection(options.selection)
     if method == "prune" and not data:
         raise UserError("--method prune is data-driven: give calibration data with --calib (an image folder or .npz)")
     return round_to
@@ -754,13 +775,10 @@ def analyze_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Dat
             plan.damages = [prune.removed_mass(plan.scores, k) for k in plan.counts]
             continue
         with threadpool_limits(limits=1, user_api="blas"):
-            path = None
-            if method == "prune":
-                gram, q, n = _lasso_problem(group, original_stats)
-                path = (gram, prune.lasso_path(gram, q, n))
+            select = _selector(options, group, plan, original_stats, min(plan.counts))
             damages, solutions = [], []
             for count in plan.counts:
-                keep = _select(method, group, plan, count, original_stats, path)
+                keep = select(count)
                 weights, err, energy, _ = _refit(group, keep, original_stats)
                 energy = sum(output_energy.get(_node_name(m.node), 0.0) for m in group.consumers) or energy
                 damages.append(err / max(energy, 1e-300))
@@ -831,7 +849,7 @@ def compress_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Da
             raw, _, folds = sampler.collect(current, runner, consumers, targets, progress, f"group {number}/{len(chosen)}")
             stats = {name: _as_linear(s) for name, s in raw.items()}
         with threadpool_limits(limits=1, user_api="blas"):
-            keep = _select(method, group, plan, plan.keep, stats)
+            keep = _selector(options, group, plan, stats, plan.keep)(plan.keep)
             weights = None
             if data:
                 weights, _, _, errors = _refit(group, keep, stats, unfitted, folds, shrinkages)
@@ -858,7 +876,7 @@ def compress_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Da
     timings["total"] = time.perf_counter() - start
 
     final = {layer.name: layer for layer in find_layers(graphs.import_graph(compressed))}
-    label = {"prune": "lasso+ls", "filter-std": "std", "filter-l1": "l1"}[method] + ("" if data or method == "prune" else " (no refit)")
+    label = {"prune": f"{options.selection}+ls", "filter-std": "std", "filter-l1": "l1"}[method] + ("" if data or method == "prune" else " (no refit)")
     if method != "prune" and data:
         label += "+ls"
     table = []

@@ -42,6 +42,13 @@ squared error ``tr(Syy) - 2 tr(W^T Sxy) + tr(W^T Sxx W) + n ||ybar - W^T xbar - 
 the fit on the other folds, whose statistics are the total's minus the fold's (one
 eigendecomposition per fold serves the whole grid).
 
+**Backward elimination** (``--selection greedy``) [design]: the LASSO scales channel
+contributions with the consumer's weights held fixed, then the refit changes those weights,
+so its support is not the best one for the refit. ``elimination_order`` instead removes, one
+at a time, the channel whose removal raises the refit's residual least (exact for each step:
+the partial F statistic of the channel's block of columns, with the inverse Gram matrix
+downdated after each removal). Its kept sets are nested like the path's.
+
 **Data-free filter ranking** (producer side: a filter = one output channel):
 
 * Li, Zhao, Han 2019 ("Convolutional neural network acceleration algorithm based on filters
@@ -129,13 +136,6 @@ def select_from_path(coefs: np.ndarray, keep: int, gram: np.ndarray | None = Non
                 order.append(int(index))
     rest = [i for i in np.argsort(-weight, kind="stable") if i not in order]
     return np.sort(np.array((order + rest)[:keep], dtype=int))
-
-
-def lasso_select(gram: np.ndarray, q: np.ndarray, n_samples: int, keep: int) -> np.ndarray:
-    """He et al. channel selection: sorted indices of the ``keep`` channels to keep."""
-    if keep >= len(q):
-        return np.arange(len(q))
-    return select_from_path(lasso_path(gram, q, n_samples), keep, gram)
 
 
 def fixed_channel_target(gram: np.ndarray, q: np.ndarray, group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -241,6 +241,67 @@ def relative_error(stats: LinearStats, weight: np.ndarray, columns: np.ndarray, 
     """``||Y - (X_K W^T + b)|| / ||Y||`` over the sampled rows (uncentred target norm)."""
     total = float(np.trace(stats.syy)) + stats.n * float(stats.mean_y @ stats.mean_y)
     return float(np.sqrt(squared_error(stats, weight, columns, bias) / max(total, 1e-300)))
+
+
+# ---------------------------------------------------------------------------- greedy selection
+
+
+def elimination_order(problems: list[tuple[LinearStats, np.ndarray]], keep_min: int = 1) -> np.ndarray:
+    """Backward elimination on the least-squares residual: the group's channels in the order
+    they are removed, down to ``keep_min`` kept.
+
+    ``problems``: per consumer, its statistics and ``columns`` (c, k2), the input columns each
+    group channel occupies there (other columns, e.g. a Concat's other inputs, always stay).
+    Each step removes the channel whose removal raises the summed residual of the refit least.
+    With ``P = (Sxx + delta I)^{-1}`` and ``B = P Sxy`` over the remaining columns, removing the
+    columns ``J`` of one channel raises the residual by ``tr(B_J^T P_JJ^{-1} B_J)`` (the partial
+    F statistic of a block of regressors) and updates ``B <- B - P_:J P_JJ^{-1} B_J``,
+    ``P <- P - P_:J P_JJ^{-1} P_J:`` (the inverse of a Schur complement), so a step costs
+    O(D^2 k2) per consumer of D columns. The kept sets are nested, like the LASSO path's, and
+    each minimises, greedily, exactly what the refit then minimises (ThiNet, Luo et al. 2017,
+    ranks channels greedily by the same reconstruction error, without the refit in the loop).
+    """
+    states = []
+    channels = 0
+    for stats, columns in problems:
+        columns = np.asarray(columns, dtype=int).reshape(len(columns), -1)
+        channels = len(columns)
+        a = stats.sxx + RIDGE * _scale(stats.sxx) * np.eye(len(stats.sxx))
+        inverse = scipy.linalg.inv(a, check_finite=False)
+        inverse = (inverse + inverse.T) / 2
+        states.append((inverse, inverse @ stats.sxy, columns))
+    alive = np.ones(channels, bool)
+    order: list[int] = []
+    while alive.sum() > max(int(keep_min), 0):
+        candidates = np.flatnonzero(alive)
+        cost = np.zeros(len(candidates))
+        for inverse, coef, columns in states:
+            cols = columns[candidates]                                     # (m, k2)
+            p_jj = inverse[cols[:, :, None], cols[:, None, :]]             # (m, k2, k2)
+            b_j = coef[cols]                                               # (m, k2, n)
+            if cols.shape[1] == 1:
+                cost += np.square(b_j[:, 0]).sum(1) / np.maximum(p_jj[:, 0, 0], 1e-300)
+            else:
+                cost += (b_j * np.linalg.solve(p_jj, b_j)).sum((1, 2))
+        removed = int(candidates[int(np.argmin(cost))])
+        for inverse, coef, columns in states:
+            cols = columns[removed]
+            p_j = inverse[:, cols]                                         # (D, k2)
+            solve = scipy.linalg.solve(inverse[np.ix_(cols, cols)], np.eye(len(cols)), assume_a="pos", check_finite=False)
+            coef -= p_j @ (solve @ coef[cols])
+            inverse -= p_j @ solve @ p_j.T
+        alive[removed] = False
+        order.append(removed)
+    return np.array(order, dtype=int)
+
+
+def select_from_order(order: np.ndarray, channels: int, keep: int) -> np.ndarray:
+    """Sorted indices kept when the first ``channels - keep`` of ``order`` are removed."""
+    keep = int(min(max(keep, 0), channels))
+    removed = np.asarray(order[:channels - keep], dtype=int)
+    if len(removed) < channels - keep:
+        raise ValueError(f"the elimination order stops at {channels - len(order)} kept channels, not {keep}")
+    return np.setdiff1d(np.arange(channels), removed)
 
 
 # ---------------------------------------------------------------------------- data-free ranking

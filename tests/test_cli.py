@@ -124,6 +124,7 @@ def test_pruning_methods_from_the_command_line(tmp_path, small_model_file, small
     data = json.loads(report.read_text())
     assert data["macs_after"] * 1.3 <= data["macs_before"] * 1.0001
     assert data["allocation"] == ("sensitivity" if method == "prune" else "energy")     # measured damages: prune's default
+    assert data.get("selection") == ("lasso" if method == "prune" else None)            # He et al.'s LASSO path: prune's default
     model = onnx.load(out)
     onnx.checker.check_model(model, full_check=True)
     x = np.random.default_rng(0).standard_normal((2, 3, 12, 12)).astype(np.float32)
@@ -134,6 +135,8 @@ def test_unknown_method_and_lowrank_without_data(tmp_path, small_model_file, sma
     assert_user_error(onnxopt("compress", small_model_file, "-o", tmp_path / "o.onnx", "--method", "magic", "--speedup", "2",
                               "--calib", small_calib_file), "--method")
     assert_user_error(onnxopt("compress", small_model_file, "-o", tmp_path / "o.onnx", "--speedup", "2"), "--calib")
+    assert_user_error(onnxopt("compress", small_model_file, "-o", tmp_path / "o.onnx", "--method", "prune", "--speedup", "2",
+                              "--calib", small_calib_file, "--selection", "best"), "--selection", "lasso or greedy")
 
 
 def test_inspect_groups(small_model_file):

@@ -19,7 +19,7 @@ from onnxopt.errors import UserError
 from onnxopt.layers import find_layers, model_macs
 from onnxopt.passes import prune
 from onnxopt.pipeline import CompressOptions
-from onnxopt.prune_pipeline import _exact_macs, allocate_counts, compress_prune, plan_groups
+from onnxopt.prune_pipeline import _exact_macs, allocate_counts, analyze_prune, compress_prune, plan_groups
 
 
 def _stats(x: np.ndarray, y: np.ndarray) -> prune.LinearStats:
@@ -70,14 +70,14 @@ def test_lasso_path_agrees_with_sklearn_lasso_on_a_lambda_grid():
     for keep in range(1, 6):
         if keep in supports:
             # features have N*n rows: the path in lambda is the same up to the 1/N scaling
-            assert tuple(prune.lasso_select(gram, q, len(target), keep)) == supports[keep]
+            assert tuple(prune.select_from_path(prune.lasso_path(gram, q, len(target)), keep, gram)) == supports[keep]
 
 
 def test_lasso_selection_finds_best_subset_on_a_planted_problem():
     x, y, weight = _problem(seed=2, active=(1, 3, 4))
     s = _stats(x, y)
     gram, q = prune.channel_gram(weight, s.sxx, s.sxy, 6)
-    selected = prune.lasso_select(gram, q, s.n, 3)
+    selected = prune.select_from_path(prune.lasso_path(gram, q, s.n), 3, gram)
 
     def refit_error(subset):
         columns = prune.block_columns(np.array(subset), 4)
@@ -86,6 +86,38 @@ def test_lasso_selection_finds_best_subset_on_a_planted_problem():
 
     best = min(itertools.combinations(range(6), 3), key=refit_error)
     assert tuple(selected) == best == (1, 3, 4)
+
+
+def test_elimination_order_is_greedy_backward_elimination_of_the_summed_refit_residual():
+    # two consumers of one 6-channel group: one with 4 columns per channel, one (a Concat's
+    # reader) with 1 column per channel after 2 columns of other inputs, which always stay
+    x, y, weight = _problem(seed=4)
+    rng = np.random.default_rng(5)
+    x2 = np.concatenate([rng.standard_normal((len(x), 2)), x[:, ::4] + 0.5 * x[:, 1::4]], 1)
+    y2 = x2 @ rng.standard_normal((8, 3)) + 0.1 * rng.standard_normal((len(x), 3))
+    s1, s2 = _stats(x, y), _stats(x2, y2)
+    columns1 = np.arange(24).reshape(6, 4)
+    columns2 = (np.arange(6) + 2).reshape(6, 1)
+    order = prune.elimination_order([(s1, columns1), (s2, columns2)], keep_min=1)
+
+    def summed_residual(kept):
+        total = 0.0
+        for s, columns, width in ((s1, columns1, 24), (s2, columns2, 8)):
+            removed = columns[np.setdiff1d(np.arange(6), kept)].reshape(-1)
+            cols = np.setdiff1d(np.arange(width), removed)
+            w, _ = prune.least_squares(s, cols)
+            total += prune.residual(s, w, cols)
+        return total
+
+    kept, expected = list(range(6)), []
+    while len(kept) > 1:
+        drop = min(kept, key=lambda c: summed_residual([k for k in kept if k != c]))
+        expected.append(drop)
+        kept.remove(drop)
+    assert order.tolist() == expected
+    assert prune.select_from_order(order, 6, 3).tolist() == sorted(kept + expected[3:])
+    with pytest.raises(ValueError, match="stops at"):
+        prune.select_from_order(order[:2], 6, 3)
 
 
 def test_fixed_channels_move_to_the_target():
@@ -220,6 +252,27 @@ def test_round_to_and_refusals():
         compress_prune(model, None, None, CompressOptions(speedup=50, method="filter-std"))
     with pytest.raises(UserError, match="unknown pruning --method"):
         compress_prune(model, None, None, CompressOptions(speedup=2, method="lowrank"))
+    with pytest.raises(UserError, match="unknown --selection 'best'"):
+        compress_prune(model, _data(8), None, CompressOptions(speedup=1.3, method="prune", selection="best"))
+
+
+def test_greedy_selection_keeps_what_the_refit_reconstructs_best():
+    """``--selection greedy`` on the small CNN, every group at half its channels: the
+    consumers' refit error on the calibration rows is lower in sum than after the LASSO path's
+    choice (backward elimination minimises exactly that), and the report names the selection."""
+    model = small_cnn()
+    errors, solvers = {}, {}
+    for selection in ("lasso", "greedy"):
+        options = CompressOptions(speedup=1.3, method="prune", rows_per_layer=2000, selection=selection)
+        analysis = analyze_prune(model, _data(80), _data(16, seed=2), options)
+        half = [plan.channels // 2 for plan in analysis.plans]
+        result = compress_prune(model, _data(80), _data(16, seed=2), options, analysis=analysis, keep=half)
+        _check_model(model, result, 1.0)
+        consumers = [r for r in result.layers if r.error_after is not None and r.rank is None]
+        errors[selection] = sum(r.error_after for r in consumers)
+        solvers[selection] = {r.solver.split(" ")[0] for r in consumers}
+    assert errors["greedy"] < errors["lasso"]
+    assert solvers == {"lasso": {"lasso+ls"}, "greedy": {"greedy+ls"}}
 
 
 @pytest.mark.slow
