@@ -46,7 +46,7 @@ eigendecomposition per fold serves the whole grid).
 contributions with the consumer's weights held fixed, then the refit changes those weights,
 so its support is not the best one for the refit. ``elimination_order`` instead removes, one
 at a time, the channel whose removal raises the refit's residual least (exact for each step:
-the partial F statistic of the channel's block of columns, with the inverse Gram matrix
+the extra sum of squares of the channel's block of columns, with the inverse Gram matrix
 downdated after each removal). Its kept sets are nested like the path's.
 
 **Data-free filter ranking** (producer side: a filter = one output channel):
@@ -246,6 +246,9 @@ def relative_error(stats: LinearStats, weight: np.ndarray, columns: np.ndarray, 
 # ---------------------------------------------------------------------------- greedy selection
 
 
+COMPACT_AT = 0.75            # elimination: arrays shrink to the remaining columns when 3/4 of the channels are left
+
+
 def elimination_order(problems: list[tuple[LinearStats, np.ndarray]], keep_min: int = 1) -> np.ndarray:
     """Backward elimination on the least-squares residual: the group's channels in the order
     they are removed, down to ``keep_min`` kept.
@@ -254,10 +257,10 @@ def elimination_order(problems: list[tuple[LinearStats, np.ndarray]], keep_min: 
     group channel occupies there (other columns, e.g. a Concat's other inputs, always stay).
     Each step removes the channel whose removal raises the summed residual of the refit least.
     With ``P = (Sxx + delta I)^{-1}`` and ``B = P Sxy`` over the remaining columns, removing the
-    columns ``J`` of one channel raises the residual by ``tr(B_J^T P_JJ^{-1} B_J)`` (the partial
-    F statistic of a block of regressors) and updates ``B <- B - P_:J P_JJ^{-1} B_J``,
+    columns ``J`` of one channel raises the residual by ``tr(B_J^T P_JJ^{-1} B_J)`` (the extra
+    sum of squares of a block of regressors) and updates ``B <- B - P_:J P_JJ^{-1} B_J``,
     ``P <- P - P_:J P_JJ^{-1} P_J:`` (the inverse of a Schur complement), so a step costs
-    O(D^2 k2) per consumer of D columns. The kept sets are nested, like the LASSO path's, and
+    O(D^2 k2) per consumer of D remaining columns (the arrays shrink as channels go). The kept sets are nested, like the LASSO path's, and
     each minimises, greedily, exactly what the refit then minimises (ThiNet, Luo et al. 2017,
     ranks channels greedily by the same reconstruction error, without the refit in the loop).
     """
@@ -269,9 +272,10 @@ def elimination_order(problems: list[tuple[LinearStats, np.ndarray]], keep_min: 
         a = stats.sxx + RIDGE * _scale(stats.sxx) * np.eye(len(stats.sxx))
         inverse = scipy.linalg.inv(a, check_finite=False)
         inverse = (inverse + inverse.T) / 2
-        states.append((inverse, inverse @ stats.sxy, columns))
+        states.append([inverse, inverse @ stats.sxy, columns])
     alive = np.ones(channels, bool)
     order: list[int] = []
+    compacted_at = channels
     while alive.sum() > max(int(keep_min), 0):
         candidates = np.flatnonzero(alive)
         cost = np.zeros(len(candidates))
@@ -287,11 +291,20 @@ def elimination_order(problems: list[tuple[LinearStats, np.ndarray]], keep_min: 
         for inverse, coef, columns in states:
             cols = columns[removed]
             p_j = inverse[:, cols]                                         # (D, k2)
-            solve = scipy.linalg.solve(inverse[np.ix_(cols, cols)], np.eye(len(cols)), assume_a="pos", check_finite=False)
-            coef -= p_j @ (solve @ coef[cols])
-            inverse -= p_j @ solve @ p_j.T
+            block_inverse = scipy.linalg.inv(inverse[np.ix_(cols, cols)], check_finite=False)
+            coef -= p_j @ (block_inverse @ coef[cols])
+            inverse -= p_j @ block_inverse @ p_j.T
         alive[removed] = False
         order.append(removed)
+        if alive.sum() <= COMPACT_AT * compacted_at:        # drop the removed columns: later steps cost less
+            compacted_at = alive.sum()
+            for state in states:
+                inverse, coef, columns = state
+                gone = columns[~alive].reshape(-1)                         # -1: dropped before
+                stay = np.setdiff1d(np.arange(len(inverse)), gone[gone >= 0])
+                index = np.full(len(inverse), -1)
+                index[stay] = np.arange(len(stay))
+                state[:] = [inverse[np.ix_(stay, stay)], coef[stay], np.where(columns >= 0, index[columns], -1)]
     return np.array(order, dtype=int)
 
 
