@@ -46,7 +46,7 @@ SHORTCUT = "/shortcut"
 SOLVERS = ("auto", "linear", "svd")
 ALLOCATIONS = ("energy", "uniform", "sensitivity", "vbmf")
 PRUNE_METHODS = ("prune", "filter-std", "filter-l1")
-SELECTIONS = ("lasso", "greedy")       # --method prune: He et al.'s LASSO path, or backward elimination
+SELECTIONS = ("lasso", "greedy")       # channel pruning (prune, auto): He et al.'s LASSO path, or backward elimination
 METHODS = ("lowrank", *PRUNE_METHODS, "tucker2", "auto")
 COSTS = ("macs", "latency")
 
@@ -72,7 +72,7 @@ class CompressOptions:
     allocation: str = "energy"      # "energy" (PCA-energy product, Zhang et al.), "uniform", "sensitivity" (measured)
     cost: str = "macs"              # what --speedup divides: "macs", or "latency" (measured per layer)
     round_to: int = 4               # pruning: kept channel counts are multiples of this
-    selection: str = "lasso"        # --method prune: "lasso" (He et al.'s path) or "greedy" (backward elimination)
+    selection: str = "lasso"        # channel pruning (prune, auto): "lasso" (He et al.'s path) or "greedy" (backward elimination)
     latency_batch: int = 8
     threads: int = 0
     sensitivity_grid: int = 8       # ranks / keep counts measured per layer (--allocation sensitivity, analyze)

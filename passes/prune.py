@@ -246,7 +246,7 @@ def relative_error(stats: LinearStats, weight: np.ndarray, columns: np.ndarray, 
 # ---------------------------------------------------------------------------- greedy selection
 
 
-COMPACT_AT = 0.75            # elimination: arrays shrink to the remaining columns when 3/4 of the channels are left
+COMPACT_AT = 0.75            # elimination: the arrays shrink to the remaining columns each time a quarter of the channels left has gone
 
 
 def elimination_order(problems: list[tuple[LinearStats, np.ndarray]], keep_min: int = 1) -> np.ndarray:
