@@ -338,7 +338,7 @@ def _refit(group: ChannelGroup, keep: np.ndarray, stats: dict[str, prune.LinearS
     return weights, err_sum, energy, errors
 
 
-def _elimination_problems(group: ChannelGroup, stats: dict[str, prune.LinearStats]) -> list | None:
+def _elimination_problems(group: ChannelGroup, stats: dict[str, prune.LinearStats]) -> list[tuple[prune.LinearStats, np.ndarray]] | None:
     """Per consumer, its statistics and the columns of each group channel (``prune.elimination_order``);
     None when a consumer has too few rows to be refit (its sliced weights stay: LASSO selects)."""
     problems = []
