@@ -78,8 +78,12 @@ def run_measured(args: list[str]) -> tuple[subprocess.CompletedProcess, float, f
     return result, wall, usage.ru_maxrss / 1024
 
 
-def evaluate(model: Path, spec: ModelSpec, limit: int | None = None) -> dict:
+def evaluate(model: Path, spec: ModelSpec, limit: int | None = None, baseline: Path | None = None) -> dict:
+    """``onnxopt eval --json`` on the model's evaluation images; with ``baseline``, also the
+    paired drop (``top1_drop_points``, ``drop_se_points``, ``top1_agreement``)."""
     args = ["eval", str(model), "--data", str(spec.test), "--preset", spec.preset, "--json", *spec.eval_args]
+    if baseline is not None:
+        args += ["--baseline", str(baseline)]
     if limit:
         args += ["--limit", str(limit)]
     result = subprocess.run(onnxopt(*args), capture_output=True, text=True, check=True)

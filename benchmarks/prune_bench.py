@@ -20,7 +20,8 @@ same MACs: the value of reconstruction is the accuracy difference between `filte
 ../shared/data/cifar10/test for the CIFAR ResNets, the odd-class half of
 ../shared/data/imagenet-sample (``benchmarks/imagenet_split.py``) for ImageNet models, which
 calibrate on the even half. onnxruntime latency is measured against the original in the same
-run (batch 1 and 32, 1 thread, runs alternated). Prints a Markdown table, writes JSON.
+run (batch 1 and 32, 1 thread, runs alternated). Prints a Markdown table, writes JSON; the drop
+comes with its paired standard error (`onnxopt eval --baseline`).
 
     python benchmarks/prune_bench.py [--quick] [--out DIR] [--models ...] [--variants ...]
 
@@ -115,7 +116,7 @@ def main() -> None:
                 print(f"  {variant} failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}", flush=True)
                 continue
             data = json.loads(report.read_text())
-            accuracy = evaluate(out, spec, limit)
+            accuracy = evaluate(out, spec, limit, baseline=spec.path)
             latency = {batch: latency_ratio(out, spec.path, batch) for batch in (32, 1)}
             mac_ratio = data["macs_before"] / data["macs_after"]
             row = {
@@ -123,7 +124,8 @@ def main() -> None:
                 "mac_ratio": mac_ratio,
                 "params_ratio": data["params_before"] / data["params_after"],
                 "top1": accuracy["top1"], "top1_original": base["top1"],
-                "top1_drop_points": 100 * (base["top1"] - accuracy["top1"]),
+                "top1_drop_points": accuracy["top1_drop_points"], "drop_se_points": accuracy["drop_se_points"],
+                "top1_agreement": accuracy["top1_agreement"],
                 "latency_speedup_b32": latency[32]["speedup"], "latency_speedup_b1": latency[1]["speedup"],
                 "compress_wall_s": wall, "compress_peak_rss_mb": peak_mb,
                 "eval_images": accuracy["n"], "calib_images": 0 if variant in DATA_FREE else calib_size,
@@ -134,13 +136,13 @@ def main() -> None:
                 row["auto"] = data["auto"]
             rows.append(row)
             save(path, kept, rows, args.quick)
-            print(f"  {variant:14s} top-1 {accuracy['top1']:.4f} (drop {row['top1_drop_points']:.2f}) MACs {mac_ratio:.2f}x  "
+            print(f"  {variant:14s} top-1 {accuracy['top1']:.4f} (drop {row['top1_drop_points']:.2f} ± {row['drop_se_points']:.2f}) MACs {mac_ratio:.2f}x  "
                   f"latency b32 {row['latency_speedup_b32']:.2f}x b1 {row['latency_speedup_b1']:.2f}x  {wall:.0f} s", flush=True)
     print()
     print(markdown(json.loads(path.read_text())["rows"] if path.exists() else [],
                    [("model", "model", "s"), ("target", "speedup_target", "g"), ("variant", "variant", "s"),
                     ("MACs ratio", "mac_ratio", ".2f"), ("top-1", "top1", ".4f"), ("orig.", "top1_original", ".4f"),
-                    ("drop (pts)", "top1_drop_points", ".2f"), ("ORT speed-up b1", "latency_speedup_b1", ".2f"),
+                    ("drop (pts)", "top1_drop_points", ".2f"), ("± s.e.", "drop_se_points", ".2f"), ("ORT speed-up b1", "latency_speedup_b1", ".2f"),
                     ("b32", "latency_speedup_b32", ".2f"), ("time (s)", "compress_wall_s", ".0f"),
                     ("peak RSS (MB)", "compress_peak_rss_mb", ".0f")]))
 

@@ -261,7 +261,9 @@ def evaluate_command(
     limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate a seeded random subset of N images."),
     seed: int = opt.Seed,
     threads: int = opt.Threads,
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object with top1, top5, n."),
+    baseline_path: Optional[Path] = typer.Option(None, "--baseline", metavar="ORIGINAL.onnx",
+                                                 help="Also score this model on the same images: the top-1 drop, its paired standard error, and the answers changed."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object with top1, top5, n (and with --baseline: baseline, top1_drop_points, drop_se_points, lost, gained, top1_agreement)."),
 ) -> None:
     """Top-1/top-5 accuracy on a labelled image folder."""
     from onnxopt.evaluate import evaluate
@@ -269,19 +271,27 @@ def evaluate_command(
     from onnxopt.report import print_json
 
     model = load_model(model_path)
+    baseline = None
+    if baseline_path is not None:
+        baseline = load_model(baseline_path)
+        if model_inputs(baseline) != model_inputs(model):
+            raise UserError(f"--baseline {baseline_path} takes other inputs than {model_path} "
+                            f"({model_inputs(baseline)} against {model_inputs(model)}); compare a model with its original")
     prep = make_preprocess(preset, size, resize, mean, std, scale, channel_order)
-    bar, progress = _progress()
-    if as_json:
-        bar, progress = None, None
-    if bar:
-        with bar:
-            result = evaluate(model, model_inputs(model), data, prep, labels, label_offset, limit, seed, threads, progress=progress)
-    else:
-        result = evaluate(model, model_inputs(model), data, prep, labels, label_offset, limit, seed, threads)
+    bar, progress = (None, None) if as_json else _progress()
+    with bar or nullcontext():
+        result = evaluate(model, model_inputs(model), data, prep, labels, label_offset, limit, seed, threads,
+                          progress=progress, baseline=baseline)
     if as_json:
         print_json(result.to_json())
-    else:
+    elif baseline is None:
         Console().print(f"{model_path.name}: top-1 {result.top1:.2%}  top-5 {result.top5:.2%}  on {result.n} images")
+    else:
+        Console().print(f"{model_path.name}: top-1 {result.model.top1:.2%}  top-5 {result.model.top5:.2%}; "
+                        f"{baseline_path.name}: top-1 {result.baseline.top1:.2%}  top-5 {result.baseline.top5:.2%}; on {result.model.n} images\n"
+                        f"top-1 drop {result.drop_points:.2f} ± {result.drop_se_points:.2f} points (paired standard error): "
+                        f"{result.lost} images lost, {result.gained} gained; the same top-1 class on {result.top1_agreement:.1%}",
+                        highlight=False)
 
 
 @app.command()

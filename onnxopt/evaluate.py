@@ -81,11 +81,11 @@ def refuse_overlap(calib: DataSource, eval_source: DataSource, eval_folder: Path
                         f"e.g. {shared[0]}); evaluate on held-out images, e.g. a test split")
 
 
-def score(model: onnx.ModelProto, source: DataSource, labels: np.ndarray, threads: int = 0,
-          batch_size: int = 64, progress=None) -> Accuracy:
-    """Top-1/top-5 of ``model`` on ``source`` with ``labels``."""
+def top5(model: onnx.ModelProto, source: DataSource, labels: np.ndarray, threads: int = 0,
+         batch_size: int = 64, progress=None, label: str = "evaluating") -> np.ndarray:
+    """The five highest-scoring classes of ``model`` on each image of ``source``, best first: (N, 5)."""
     session = make_session(model, threads)
-    top1 = top5 = 0
+    tops = []
     start = 0
     for feeds in source.batches(batch_size):
         logits = session.run(None, feeds)[0][: len(labels) - start]   # a fixed-batch model's last batch is filled up
@@ -94,17 +94,76 @@ def score(model: onnx.ModelProto, source: DataSource, labels: np.ndarray, thread
         batch_labels = labels[start:start + len(logits)]
         if batch_labels.max() >= logits.shape[1]:
             raise UserError(f"label {int(batch_labels.max())} is out of range for {logits.shape[1]} outputs; check --labels / --label-offset")
-        top = np.argsort(-logits, axis=1)[:, :5]
-        top1 += int((top[:, 0] == batch_labels).sum())
-        top5 += int((top == batch_labels[:, None]).any(1).sum())
+        tops.append(np.argsort(-logits, axis=1)[:, :5])
         start += len(logits)
         if progress:
-            progress("evaluating", start, len(labels))
-    return Accuracy(top1=top1 / len(labels), top5=top5 / len(labels), n=len(labels))
+            progress(label, start, len(labels))
+    return np.concatenate(tops)
+
+
+def accuracy(tops: np.ndarray, labels: np.ndarray) -> Accuracy:
+    return Accuracy(top1=float(np.mean(tops[:, 0] == labels)), top5=float(np.mean((tops == labels[:, None]).any(1))),
+                    n=len(labels))
+
+
+def score(model: onnx.ModelProto, source: DataSource, labels: np.ndarray, threads: int = 0,
+          batch_size: int = 64, progress=None) -> Accuracy:
+    """Top-1/top-5 of ``model`` on ``source`` with ``labels``."""
+    return accuracy(top5(model, source, labels, threads, batch_size, progress), labels)
+
+
+@dataclass
+class PairedAccuracy:
+    """A model against its baseline on the same images (``eval --baseline``).
+
+    The drop's standard error is that of a paired difference: per image
+    ``d_i = [baseline right] - [model right]`` is -1, 0 or 1, so with ``lost`` images
+    (baseline right, model wrong) and ``gained`` ones out of ``n``,
+    ``drop = (lost - gained) / n`` and ``var(d) = (lost + gained - n drop^2) / (n - 1)``,
+    ``se = sqrt(var(d) / n)``. Only the images where the two disagree carry information:
+    350 images and 30 changed answers give about 1.6 points.
+    """
+
+    model: Accuracy
+    baseline: Accuracy
+    lost: int
+    gained: int
+    top1_agreement: float        # the same top-1 class, right or wrong
+
+    @property
+    def drop_points(self) -> float:
+        return 100.0 * (self.lost - self.gained) / self.model.n
+
+    @property
+    def drop_se_points(self) -> float:
+        n = self.model.n
+        if n < 2:
+            return float("nan")
+        drop = (self.lost - self.gained) / n
+        return 100.0 * float(np.sqrt(max(self.lost + self.gained - n * drop * drop, 0.0) / (n - 1) / n))
+
+    def to_json(self) -> dict:
+        return {**self.model.to_json(), "baseline": {"top1": self.baseline.top1, "top5": self.baseline.top5},
+                "top1_drop_points": self.drop_points, "drop_se_points": self.drop_se_points,
+                "lost": self.lost, "gained": self.gained, "top1_agreement": self.top1_agreement}
+
+
+def compare(model: onnx.ModelProto, baseline: onnx.ModelProto, source: DataSource, labels: np.ndarray,
+            threads: int = 0, batch_size: int = 64, progress=None) -> PairedAccuracy:
+    """``model`` and ``baseline`` scored on the same images, with the paired drop."""
+    ours = top5(model, source, labels, threads, batch_size, progress)
+    theirs = top5(baseline, source, labels, threads, batch_size, progress, "evaluating the baseline")
+    right, right_before = ours[:, 0] == labels, theirs[:, 0] == labels
+    return PairedAccuracy(accuracy(ours, labels), accuracy(theirs, labels), lost=int(np.sum(right_before & ~right)),
+                          gained=int(np.sum(right & ~right_before)), top1_agreement=float(np.mean(ours[:, 0] == theirs[:, 0])))
 
 
 def evaluate(model: onnx.ModelProto, inputs: list[InputSpec], folder: Path, prep: Preprocess,
              labels_file: Path | None = None, label_offset: int = 0, limit: int | None = None,
-             seed: int = 0, threads: int = 0, batch_size: int = 64, progress=None) -> Accuracy:
+             seed: int = 0, threads: int = 0, batch_size: int = 64, progress=None,
+             baseline: onnx.ModelProto | None = None) -> Accuracy | PairedAccuracy:
+    """Accuracy of ``model`` on a labelled folder; with ``baseline``, both on the same images (``compare``)."""
     source, labels = labelled_source(folder, inputs, prep, labels_file, label_offset, limit, seed)
-    return score(model, source, labels, threads, batch_size, progress)
+    if baseline is None:
+        return score(model, source, labels, threads, batch_size, progress)
+    return compare(model, baseline, source, labels, threads, batch_size, progress)

@@ -106,3 +106,27 @@ def small_calib_file(tmp_path) -> Path:
 def _private_cache(tmp_path_factory, monkeypatch):
     """Each test gets its own onnxopt disk cache (never the user's ~/.cache/onnxopt)."""
     monkeypatch.setenv("ONNXOPT_CACHE_DIR", str(tmp_path_factory.mktemp("onnxopt-cache")))
+
+
+def labelled_folders(tmp_path, model):
+    """Two disjoint labelled image folders whose labels are the model's own predictions."""
+    from PIL import Image
+
+    from onnxopt.calib.capture import make_session
+
+    rng = np.random.default_rng(3)
+    session = make_session(model, 1)
+    folders = []
+    for split, count in (("calib", 48), ("eval", 40)):
+        pixels = rng.integers(0, 256, (count, 12, 12, 3), dtype=np.uint8)
+        x = (pixels.astype(np.float32) / 255).transpose(0, 3, 1, 2)
+        predicted = session.run(None, {"x": x})[0].argmax(1)
+        for i, (image, label) in enumerate(zip(pixels, predicted)):
+            folder = tmp_path / split / f"class{label:02d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(folder / f"{i}.png")
+        folders.append(tmp_path / split)
+    for label in range(10):                  # every class has a folder, so folder index == label
+        for split in folders:
+            (split / f"class{label:02d}").mkdir(exist_ok=True)
+    return folders

@@ -4,9 +4,8 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from conftest import small_cnn
+from conftest import labelled_folders, small_cnn
 from test_cli import assert_user_error, onnxopt
 
 
@@ -108,30 +107,8 @@ def test_analyze_writes_json_and_plot_and_the_second_run_hits_the_cache(tmp_path
     assert_user_error(onnxopt(*args, "--metric", "top1_drop"), "--metric top1_drop was not measured", "--eval-data")
 
 
-def _labelled_folders(tmp_path, model):
-    """Two disjoint labelled image folders whose labels are the model's own predictions."""
-    from onnxopt.calib.capture import make_session
-
-    rng = np.random.default_rng(3)
-    session = make_session(model, 1)
-    folders = []
-    for split, count in (("calib", 48), ("eval", 40)):
-        pixels = rng.integers(0, 256, (count, 12, 12, 3), dtype=np.uint8)
-        x = (pixels.astype(np.float32) / 255).transpose(0, 3, 1, 2)
-        predicted = session.run(None, {"x": x})[0].argmax(1)
-        for i, (image, label) in enumerate(zip(pixels, predicted)):
-            folder = tmp_path / split / f"class{label:02d}"
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image).save(folder / f"{i}.png")
-        folders.append(tmp_path / split)
-    for label in range(10):                  # every class has a folder, so folder index == label
-        for split in folders:
-            (split / f"class{label:02d}").mkdir(exist_ok=True)
-    return folders
-
-
 def test_max_drop_searches_and_refuses_evaluation_data_equal_to_calibration(tmp_path, small_model_file, small_model):
-    calib, evaluation = _labelled_folders(tmp_path, small_model)
+    calib, evaluation = labelled_folders(tmp_path, small_model)
     out, report = tmp_path / "out.onnx", tmp_path / "report.json"
     common = ["compress", small_model_file, "-o", out, "--calib", calib, "--size", "12", "--method", "lowrank"]
     assert_user_error(onnxopt(*common, "--max-drop", "1", "--eval-data", calib), "overlaps the calibration data")
@@ -149,7 +126,7 @@ def test_max_drop_searches_and_refuses_evaluation_data_equal_to_calibration(tmp_
 
 
 def test_max_drop_without_method_uses_auto(tmp_path, small_model_file, small_model):
-    calib, evaluation = _labelled_folders(tmp_path, small_model)
+    calib, evaluation = labelled_folders(tmp_path, small_model)
     report = tmp_path / "report.json"
     result = onnxopt("compress", small_model_file, "-o", tmp_path / "out.onnx", "--calib", calib, "--size", "12",
                      "--max-drop", "100", "--eval-data", evaluation, "--search-steps", "1", "--report", report)
