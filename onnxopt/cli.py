@@ -207,7 +207,7 @@ def _search_max_drop(model, source, calib_data, holdout_data, options, progress,
     """``--max-drop``: search ``--speedup`` (``onnxopt.target_search``), measuring top-1 on ``eval_data``."""
     from dataclasses import replace
 
-    from onnxopt.evaluate import labelled_source, refuse_overlap, score
+    from onnxopt.evaluate import accuracy, labelled_source, paired, refuse_overlap, top5
     from onnxopt.pipeline import compress as run_compress
     from onnxopt.target_search import Trial, search_speedup
 
@@ -215,17 +215,19 @@ def _search_max_drop(model, source, calib_data, holdout_data, options, progress,
         raise UserError("--max-drop needs --calib data to compress with")
     eval_source, truth = labelled_source(eval_data, model_inputs(model), prep, labels, label_offset, eval_size, seed)
     refuse_overlap(source, eval_source, eval_data)
-    base = score(model, eval_source, truth, options.threads).top1 * 100
+    base_top5 = top5(model, eval_source, truth, options.threads)
+    base = accuracy(base_top5, truth).top1 * 100
 
     def try_speedup(speedup: float) -> Trial:
         result = run_compress(model, calib_data, holdout_data, replace(options, speedup=speedup), progress)
-        top1 = score(result.model, eval_source, truth, options.threads).top1 * 100
-        return Trial(result, result.macs_before / max(result.macs_after, 1), top1)
+        measured = paired(top5(result.model, eval_source, truth, options.threads), base_top5, truth)
+        return Trial(result, result.macs_before / max(result.macs_after, 1), measured.model.top1 * 100, measured.drop_se_points)
 
     def on_step(step) -> None:
         if not _state["quiet"]:
             verdict = "within" if step.within else "over"
-            got = f"{step.mac_speedup:.2f}x MACs, top-1 {step.top1:.2f}% (drop {step.drop:.2f}, {verdict})" if step.drop is not None else step.note
+            got = (f"{step.mac_speedup:.2f}x MACs, top-1 {step.top1:.2f}% (drop {step.drop:.2f} ± {step.drop_se:.2f}, {verdict})"
+                   if step.drop is not None else step.note)
             console.print(f"--speedup {step.speedup:.3f}: {got}", highlight=False)
 
     result, walked = search_speedup(try_speedup, base, max_drop, start=options.speedup, steps=steps, on_step=on_step)

@@ -151,8 +151,12 @@ class PairedAccuracy:
 def compare(model: onnx.ModelProto, baseline: onnx.ModelProto, source: DataSource, labels: np.ndarray,
             threads: int = 0, batch_size: int = 64, progress=None) -> PairedAccuracy:
     """``model`` and ``baseline`` scored on the same images, with the paired drop."""
-    ours = top5(model, source, labels, threads, batch_size, progress)
     theirs = top5(baseline, source, labels, threads, batch_size, progress, "evaluating the baseline")
+    return paired(top5(model, source, labels, threads, batch_size, progress), theirs, labels)
+
+
+def paired(ours: np.ndarray, theirs: np.ndarray, labels: np.ndarray) -> PairedAccuracy:
+    """``PairedAccuracy`` from two models' ``top5`` on the same images."""
     right, right_before = ours[:, 0] == labels, theirs[:, 0] == labels
     return PairedAccuracy(accuracy(ours, labels), accuracy(theirs, labels), lost=int(np.sum(right_before & ~right)),
                           gained=int(np.sum(right & ~right_before)), top1_agreement=float(np.mean(ours[:, 0] == theirs[:, 0])))

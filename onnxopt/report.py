@@ -105,6 +105,7 @@ def search_table(search: dict) -> Table:
         if step["drop"] is None:
             table.add_row(f"{step['speedup']:.3f}", "", "", "", step["note"])
             continue
-        table.add_row(f"{step['speedup']:.3f}", f"{step['mac_speedup']:.2f}x", f"{step['top1']:.2f}%", f"{step['drop']:.2f}",
+        error = f" ± {step['drop_se']:.2f}" if step.get("drop_se") is not None else ""
+        table.add_row(f"{step['speedup']:.3f}", f"{step['mac_speedup']:.2f}x", f"{step['top1']:.2f}%", f"{step['drop']:.2f}{error}",
                       "within" if step["within"] else "over the target")
     return table

@@ -28,6 +28,7 @@ class SearchStep:
     drop: float | None             # points below the original's top-1
     within: bool
     note: str = ""
+    drop_se: float | None = None   # the drop's paired standard error, in points
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -40,6 +41,7 @@ class Trial:
     candidate: Any                 # what the caller keeps for the best step (the compressed model)
     mac_speedup: float
     top1: float
+    drop_se: float | None = None   # paired standard error of the drop, in points
 
 
 def search_speedup(try_speedup: Callable[[float], Trial], base_top1: float, max_drop: float, start: float = 1.5,
@@ -64,7 +66,7 @@ def search_speedup(try_speedup: Callable[[float], Trial], base_top1: float, max_
             step = SearchStep(speedup, None, None, None, False, note=f"out of reach: {exc}")
         else:
             drop = base_top1 - trial.top1
-            step = SearchStep(speedup, trial.mac_speedup, trial.top1, drop, drop <= max_drop)
+            step = SearchStep(speedup, trial.mac_speedup, trial.top1, drop, drop <= max_drop, drop_se=trial.drop_se)
             if step.within:
                 best = (trial, step)
         walked.append(step)

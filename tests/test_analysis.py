@@ -121,6 +121,8 @@ def test_max_drop_searches_and_refuses_evaluation_data_equal_to_calibration(tmp_
     assert search["base_top1"] == 100.0                       # labels are the model's predictions
     steps = search["steps"]
     assert [round(s["speedup"], 3) for s in steps] == [1.5, 2.25]   # within the target: the search grows
+    for step in steps:     # a paired standard error with each drop (nothing can be gained: zero only for no drop)
+        assert step["drop_se"] >= 0 and (step["drop_se"] > 0) == (step["drop"] > 0)
     best = max((s for s in steps if s["within"]), key=lambda s: s["speedup"])
     assert json.loads(report.read_text())["mac_speedup"] == pytest.approx(best["mac_speedup"])
 
