@@ -126,7 +126,8 @@ def compress(
     symmetric: bool = typer.Option(False, "--symmetric", help="Take layer inputs from the original model (baseline; default is asymmetric)."),
     allocation: Optional[str] = typer.Option(None, "--allocation", help="Rank allocation under the budget: energy (default), uniform, sensitivity (each layer's rank grid, or each channel group's keep counts, measured at the output on held-out samples; the default with --max-drop and for --method prune), or vbmf (ranks proportional to each layer's weakened EVBMF rank, --vbmf-weaken)."),
     external_data: bool = typer.Option(False, "--external-data", help="Write weights to one OUT.data file beside the model (automatic over 2 GiB)."),
-    round_to: int = typer.Option(4, "--round-to", help="Pruning: kept channel counts are multiples of this (1, 4, 8, 16)."),
+    round_to: Optional[int] = typer.Option(None, "--round-to", help="Pruning: kept channel counts are multiples of this (1, 4, 8, 16); default: --target's (4 without one)."),
+    target: Optional[str] = typer.Option(None, "--target", help="Pruning: where the model will run (a name of `onnxopt build --list-targets`); sets --round-to: 8 for x86 (AVX2) and CUDA, 4 for ARM (NEON)."),
     selection: Optional[str] = typer.Option(None, "--selection", help="Channel pruning (prune, and auto's pruning): which channels stay: lasso (He et al.'s LASSO path; the default for prune) or greedy (backward elimination on the refit's residual; the default for auto)."),
     cost: str = typer.Option("macs", "--cost", help="What --speedup divides: macs, or latency (each layer timed in onnxruntime; never slower)."),
     max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Instead of --speedup: the fastest model whose top-1 drop on --eval-data stays within this many points (searched)."),
@@ -143,6 +144,7 @@ def compress(
     from onnxopt.graph import load_model, save_model_atomic
     from onnxopt.pipeline import CompressOptions, check_selection
     from onnxopt.pipeline import compress as run_compress
+    from onnxopt import tvm_backend
     from onnxopt.report import compress_tables, search_table, write_json
 
     if max_drop is None and speedup is None and method != "tucker2":
@@ -156,6 +158,8 @@ def compress(
     _check_output_path(model_path, output)
     if report is not None:
         _check_output_path(model_path, report)
+    target_multiple = tvm_backend.channel_multiple(target) if target else 4
+    round_to = target_multiple if round_to is None else round_to
     if round_to < 1:
         raise UserError(f"--round-to must be at least 1 (got {round_to})")
     if sensitivity_grid < 2:
@@ -188,7 +192,9 @@ def compress(
                                               eval_size, labels, label_offset, search_steps, seed, prep)
     save_model_atomic(result.model, output, external_data=external_data)
     data = {"input": str(model_path), "output": str(output), "method": method, "allocation": allocation, "speedup_target": speedup,
-            **({"selection": selection} if method in ("prune", "auto") else {}), "preprocess": prep.describe(), "calib": " ".join(calib or []), "seed": seed, **result.to_json()}
+            **({"selection": selection} if method in ("prune", "auto") else {}),
+            **({"round_to": round_to, "target": target} if method in ("prune", "auto", "filter-std", "filter-l1") else {}),
+            "preprocess": prep.describe(), "calib": " ".join(calib or []), "seed": seed, **result.to_json()}
     if search is not None:
         data["max_drop_search"] = search
     if report is not None:

@@ -125,6 +125,7 @@ def test_pruning_methods_from_the_command_line(tmp_path, small_model_file, small
     assert data["macs_after"] * 1.3 <= data["macs_before"] * 1.0001
     assert data["allocation"] == ("sensitivity" if method == "prune" else "energy")     # measured damages: prune's default
     assert data.get("selection") == ("lasso" if method == "prune" else None)            # He et al.'s LASSO path: prune's default
+    assert (data["round_to"], data["target"]) == (4, None)                             # no --target: multiples of 4
     model = onnx.load(out)
     onnx.checker.check_model(model, full_check=True)
     x = np.random.default_rng(0).standard_normal((2, 3, 12, 12)).astype(np.float32)
@@ -171,3 +172,22 @@ def test_external_data_output_and_loading(tmp_path, small_model_file, small_cali
     x = np.random.default_rng(0).standard_normal((2, 3, 12, 12)).astype(np.float32)
     import onnxruntime as ort
     assert ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0].shape == (2, 10)
+
+
+def test_target_sets_the_channel_multiple(tmp_path, small_model_file, small_calib_file):
+    """`--target` chooses `--round-to` (x86 8, ARM 4); an explicit `--round-to` wins."""
+    out, report = tmp_path / "pruned.onnx", tmp_path / "r.json"
+    common = ["compress", small_model_file, "-o", out, "--method", "prune", "--speedup", "1.3", "--calib", small_calib_file,
+              "--report", report]
+    for target, extra, multiple in (("x86", [], 8), ("aarch64", [], 4), ("x86", ["--round-to", "1"], 1)):
+        result = onnxopt(*common, "--target", target, *extra)
+        assert result.returncode == 0, result.stderr
+        data = json.loads(report.read_text())
+        assert (data["round_to"], data["target"]) == (multiple, target)
+        model = onnx.load(out)
+        weights = {t.name: t.dims for t in model.graph.initializer}
+        widths = [weights[node.input[1]][0] for node in model.graph.node if node.op_type == "Conv"]
+        assert all(width % multiple == 0 for width in widths), widths
+        if multiple == 8:
+            assert sum(widths) < 16 + 16 + 16 + 32                     # something was pruned, in steps of 8
+    assert_user_error(onnxopt(*common, "--target", "tpu"), "unknown target 'tpu'", "x86")
