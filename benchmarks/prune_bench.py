@@ -13,6 +13,8 @@ RSS are the process's own) with:
   filter-l1        L1 ranking, data-free
   auto             pruning (backward elimination) and low-rank, split globally or chosen per
                    layer, the candidate measured on held-out samples
+  prune+roundK     `prune` with kept channel counts in multiples of K (1, 8, 16; `prune` has 4):
+                   what SIMD-friendly shapes are worth in latency, and cost in accuracy
 
 All variants of a model share the --speedup, hence (up to rounding of the channel counts) the
 same MACs: the value of reconstruction is the accuracy difference between `filter-*` and
@@ -50,7 +52,11 @@ VARIANTS = {
     "filter-std": ["--method", "filter-std"],          # without --calib: data-free
     "filter-l1": ["--method", "filter-l1"],
     "auto": ["--method", "auto"],
+    "prune+round1": ["--method", "prune", "--round-to", "1"],     # `prune` keeps multiples of 4 (no --target)
+    "prune+round8": ["--method", "prune", "--round-to", "8"],     # `--target x86`
+    "prune+round16": ["--method", "prune", "--round-to", "16"],
 }
+ROUNDINGS = ["prune+round1", "prune+round8", "prune+round16"]   # ResNet-56 at 2x: out of reach at 16 (16-channel stages)
 DATA_FREE = {"filter-std", "filter-l1"}
 FILTERS = ["filter-std+ls", "filter-l1+ls", "filter-std", "filter-l1"]
 
@@ -59,8 +65,8 @@ FILTERS = ["filter-std+ls", "filter-l1+ls", "filter-std", "filter-l1"]
 # 50,000 training images: ResNet-56 calibrates on 4,000 (`prune` at 2x, measured 2026-12-02 with
 # the same code: drop 1.95, against 2.38 with 1,000 images and 8,192 rows).
 MODELS = {
-    "cifar10_resnet56": (2.0, ["prune", "prune+greedy", "prune+energy", "auto", *FILTERS], 4000, 32768, None),
-    "mobilenet_v2": (1.3, ["prune", "prune+greedy", "prune+energy", *FILTERS], 250, 8192, None),
+    "cifar10_resnet56": (2.0, ["prune", "prune+greedy", "prune+energy", "auto", *FILTERS, *ROUNDINGS[:2]], 4000, 32768, None),
+    "mobilenet_v2": (1.3, ["prune", "prune+greedy", "prune+energy", *FILTERS, *ROUNDINGS], 250, 8192, None),
     "squeezenet1.1": (1.5, ["prune", "prune+greedy", "prune+energy", "auto", *FILTERS], 250, 8192, None),
 }
 QUICK = {"cifar10_resnet20": (1.3, ["prune", "filter-l1+ls", "filter-l1"], 100, 8192, 200)}

@@ -178,9 +178,11 @@ def channel_multiple(name: str) -> int:
 
     - ``x86``: 8, the lanes of AVX2. onnxruntime's NCHWc convolutions block channels by 8
       there and leave a conv whose input channels are not a multiple of 8 in plain NCHW.
-      Measured (README): ResNet-56 pruned 2x with multiples of 8 runs 1.43-1.47x faster than
-      the original at batch 1 in onnxruntime, with multiples of 4 1.31-1.33x. AVX-512
-      machines have 16 lanes: pass ``--round-to 16`` there.
+      Measured (``benchmarks/prune_bench.py``, 1 thread): ResNet-56 pruned 2x runs 1.45x / 1.65x
+      faster than the original at batch 1 / 32 with multiples of 8, 1.29x / 1.38x with
+      multiples of 4, 1.02x with no rounding; MobileNetV2 at 1.3x the same with 4, 8 or 16
+      (1.26-1.31x), and 0.76x (slower than the original) with none. AVX-512 machines have 16
+      lanes: pass ``--round-to 16`` there.
     - ARM (``aarch64``, ``armv7``, ``rpi*``): 4, the lanes of 128-bit NEON.
     - CUDA (``cuda``, ``jetson-*``): 8, NVIDIA's rule for Tensor Core shapes in half
       precision (not measured here: no GPU).
