@@ -141,10 +141,10 @@ def compress(
     compression_stages: int = typer.Option(1, "--stages", help="tucker2: MUSCO stages (decompose, refit, repeat on the result); with --speedup, stop once it is met. Not --calib-stages."),
 ) -> None:
     """Compress IN.onnx to a model with SPEEDUP times fewer MACs, calibrated on your data."""
+    from onnxopt import tvm_backend
     from onnxopt.graph import load_model, save_model_atomic
     from onnxopt.pipeline import CompressOptions, check_selection
     from onnxopt.pipeline import compress as run_compress
-    from onnxopt import tvm_backend
     from onnxopt.report import compress_tables, search_table, write_json
 
     if max_drop is None and speedup is None and method != "tucker2":
@@ -158,8 +158,8 @@ def compress(
     _check_output_path(model_path, output)
     if report is not None:
         _check_output_path(model_path, report)
-    target_multiple = tvm_backend.channel_multiple(target) if target else 4
-    round_to = target_multiple if round_to is None else round_to
+    default_round_to = tvm_backend.channel_multiple(target) if target else 4    # an unknown --target is refused here
+    round_to = default_round_to if round_to is None else round_to
     if round_to < 1:
         raise UserError(f"--round-to must be at least 1 (got {round_to})")
     if sensitivity_grid < 2:
