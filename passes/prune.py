@@ -261,8 +261,9 @@ def elimination_order(problems: list[tuple[LinearStats, np.ndarray]], keep_min: 
     sum of squares of a block of regressors) and updates ``B <- B - P_:J P_JJ^{-1} B_J``,
     ``P <- P - P_:J P_JJ^{-1} P_J:`` (the inverse of a Schur complement), so a step costs
     O(D^2 k2) per consumer of D remaining columns (the arrays shrink as channels go). The kept
-    sets are nested, like the LASSO path's, and each minimises, greedily, exactly what the refit then minimises (ThiNet, Luo et al. 2017,
-    ranks channels greedily by the same reconstruction error, without the refit in the loop).
+    sets are nested, like the LASSO path's, and each minimises, greedily, exactly what the
+    refit then minimises (ThiNet, Luo et al. 2017, ranks channels greedily by the same
+    reconstruction error, without the refit in the loop).
     """
     channels = len(problems[0][1]) if problems else 0
     states = []
