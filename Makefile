@@ -11,7 +11,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,tvm]'
+	$(BIN)/pip install --quiet -e '.[dev,tvm,reconstruct]'
 	touch $@
 
 # The whole suite; tests that need ../shared or a cross toolchain skip with a reason.

@@ -15,6 +15,8 @@ RSS are the process's own) with:
                    layer, the candidate measured on held-out samples
   prune+roundK     `prune` with kept channel counts in multiples of K (1, 8, 16; `prune` has 4):
                    what SIMD-friendly shapes are worth in latency, and cost in accuracy
+  prune+block      `prune`, then each block fitted to the original's through its
+  auto+block       nonlinearities (`--reconstruct block`, passes/block_fit.py); likewise `auto`
 
 All variants of a model share the --speedup, hence (up to rounding of the channel counts) the
 same MACs: the value of reconstruction is the accuracy difference between `filter-*` and
@@ -55,6 +57,8 @@ VARIANTS = {
     "prune+round1": ["--method", "prune", "--round-to", "1"],     # `prune` keeps multiples of 4 (no --target)
     "prune+round8": ["--method", "prune", "--round-to", "8"],     # `--target x86`
     "prune+round16": ["--method", "prune", "--round-to", "16"],
+    "prune+block": ["--method", "prune", "--reconstruct", "block"],
+    "auto+block": ["--method", "auto", "--reconstruct", "block"],
 }
 ROUNDINGS = ["prune+round1", "prune+round8", "prune+round16"]
 DATA_FREE = {"filter-std", "filter-l1"}
@@ -66,12 +70,13 @@ FILTERS = ["filter-std+ls", "filter-l1+ls", "filter-std", "filter-l1"]
 # the same code: drop 1.95, against 2.38 with 1,000 images and 8,192 rows).
 MODELS = {
     # ResNet-56 at 2x is out of reach with multiples of 16 (its first stage has 16 channels)
-    "cifar10_resnet56": (2.0, ["prune", "prune+greedy", "prune+energy", "auto", *FILTERS, "prune+round1", "prune+round8"],
-                         4000, 32768, None),
-    "mobilenet_v2": (1.3, ["prune", "prune+greedy", "prune+energy", *FILTERS, *ROUNDINGS], 250, 8192, None),
-    "squeezenet1.1": (1.5, ["prune", "prune+greedy", "prune+energy", "auto", *FILTERS], 250, 8192, None),
+    "cifar10_resnet56": (2.0, ["prune", "prune+greedy", "prune+energy", "auto", *FILTERS, "prune+round1", "prune+round8",
+                               "prune+block", "auto+block"], 4000, 32768, None),
+    "mobilenet_v2": (1.3, ["prune", "prune+greedy", "prune+energy", *FILTERS, *ROUNDINGS, "prune+block"], 250, 8192, None),
+    "squeezenet1.1": (1.5, ["prune", "prune+greedy", "prune+energy", "auto", *FILTERS, "prune+block", "auto+block"],
+                      250, 8192, None),
 }
-QUICK = {"cifar10_resnet20": (1.3, ["prune", "filter-l1+ls", "filter-l1"], 100, 8192, 200)}
+QUICK = {"cifar10_resnet20": (1.3, ["prune", "prune+block", "filter-l1+ls", "filter-l1"], 100, 8192, 200)}
 
 
 def save(path: Path, kept: list[dict], rows: list[dict], quick: bool) -> None:

@@ -138,6 +138,8 @@ def compress(
     search_steps: int = typer.Option(7, "--search-steps", help="--max-drop: compressions tried at most."),
     vbmf_weaken: float = typer.Option(0.8, "--vbmf-weaken", help="tucker2 and --allocation vbmf: weakening factor w in (0,1] of the EVBMF ranks, rank = full - w (full - EVBMF) (1: EVBMF ranks as they are)."),
     sensitivity_grid: int = typer.Option(8, "--sensitivity-grid", help="--allocation sensitivity: ranks or keep counts measured per layer (the rest interpolated)."),
+    reconstruct: str = typer.Option("ls", "--reconstruct", help="ls (each method's layer-wise least squares), or block: then fit each block of the compressed model, through its nonlinearities, to the original's block outputs on the calibration images (needs PyTorch: pip install 'onnxopt[reconstruct]')."),
+    block_steps: int = typer.Option(300, "--reconstruct-steps", help="--reconstruct block: Adam steps per block."),
     compression_stages: int = typer.Option(1, "--stages", help="tucker2: MUSCO stages (decompose, refit, repeat on the result); with --speedup, stop once it is met. Not --calib-stages."),
 ) -> None:
     """Compress IN.onnx to a model with SPEEDUP times fewer MACs, calibrated on your data."""
@@ -162,6 +164,8 @@ def compress(
     round_to = default_round_to if round_to is None else round_to
     if round_to < 1:
         raise UserError(f"--round-to must be at least 1 (got {round_to})")
+    if block_steps < 1:
+        raise UserError(f"--reconstruct-steps must be at least 1 (got {block_steps})")
     if sensitivity_grid < 2:
         raise UserError(f"--sensitivity-grid must be at least 2 (got {sensitivity_grid})")
     method = method or ("auto" if max_drop is not None else "lowrank")
@@ -181,7 +185,8 @@ def compress(
     options = CompressOptions(speedup=speedup or (1.5 if max_drop is not None else None), method=method, exclude=list(exclude or []), seed=seed,
                               rows_per_layer=rows, stages=stages, threads=threads, solver=solver,
                               asymmetric=not symmetric, allocation=allocation, cost=cost, round_to=round_to, selection=selection,
-                              vbmf_weaken=vbmf_weaken, compression_stages=compression_stages, sensitivity_grid=sensitivity_grid)
+                              vbmf_weaken=vbmf_weaken, compression_stages=compression_stages, sensitivity_grid=sensitivity_grid,
+                              reconstruct=reconstruct, block_steps=block_steps)
     search = None
     bar, progress = _progress()
     with bar or nullcontext():
@@ -191,7 +196,7 @@ def compress(
             result, search = _search_max_drop(model, source, calib_data, holdout_data, options, progress, max_drop, eval_data,
                                               eval_size, labels, label_offset, search_steps, seed, prep)
     save_model_atomic(result.model, output, external_data=external_data)
-    data = {"input": str(model_path), "output": str(output), "method": method, "allocation": allocation, "speedup_target": speedup,
+    data = {"input": str(model_path), "output": str(output), "method": method, "allocation": allocation, "reconstruct": reconstruct, "speedup_target": speedup,
             **({"selection": selection} if method in ("prune", "auto") else {}),
             **({"round_to": round_to, "target": target} if method in ("prune", "auto", "filter-std", "filter-l1") else {}),
             "preprocess": prep.describe(), "calib": " ".join(calib or []), "seed": seed, **result.to_json()}

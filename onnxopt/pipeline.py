@@ -80,6 +80,8 @@ class CompressOptions:
     cache_dir: Path | None = field(default_factory=default_dir)   # None: no disk cache
     vbmf_weaken: float = 0.8        # tucker2: MUSCO's weakening factor of the EVBMF ranks, in (0, 1]
     compression_stages: int = 1     # tucker2: MUSCO stages (--stages; not --calib-stages)
+    reconstruct: str = "ls"         # "ls" (each method's own layer-wise least squares) or "block" (then passes.block_fit)
+    block_steps: int = 300          # --reconstruct block: Adam steps per block
 
 
 @dataclass
@@ -115,9 +117,12 @@ class CompressionResult:
     rows_per_layer: int
     stages: int
     auto: dict | None = None            # --method auto: every prune/low-rank split tried, and its error
+    reconstruction: dict | None = None  # --reconstruct block: the blocks fitted, their held-out errors before and after
 
     def to_json(self) -> dict:
         extra = {"auto": self.auto} if self.auto is not None else {}
+        if self.reconstruction is not None:
+            extra["block_reconstruction"] = self.reconstruction
         return {**extra,
             "macs_before": self.macs_before,
             "macs_after": self.macs_after,
@@ -421,6 +426,19 @@ def layer_sensitivity(model: onnx.ModelProto, model_plan: Plan, calib: DataSourc
 
 def compress(model: onnx.ModelProto, calib: DataSource | None, holdout: DataSource | None, options: CompressOptions,
              progress: Progress | None = None) -> CompressionResult:
+    """Compress ``model`` with ``options.method``; with ``options.reconstruct == "block"``, then fit
+    its blocks to the original's (``block_pipeline``)."""
+    from onnxopt.block_pipeline import check_reconstruct, reconstruct
+
+    check_reconstruct(options.reconstruct, calib is not None and len(calib) > 0)
+    result = _compress_with_method(model, calib, holdout, options, progress)
+    if options.reconstruct == "block":
+        result = reconstruct(model, result, calib, holdout, options, progress)
+    return result
+
+
+def _compress_with_method(model: onnx.ModelProto, calib: DataSource | None, holdout: DataSource | None,
+                          options: CompressOptions, progress: Progress | None = None) -> CompressionResult:
     """Compress ``model`` with ``options.method`` (see the module docstring for low-rank)."""
     if options.method == "tucker2":
         from onnxopt.tucker_pipeline import compress_tucker2

@@ -1,0 +1,69 @@
+"""`onnxopt compress --reconstruct block`: after any method, fit the compressed model's blocks to
+the original's on the calibration images (``passes.block_fit``), then verify again.
+
+The images are the calibration set's first ones, as many as ``options.memory_budget`` holds:
+four activations of the largest tensor per image (the original's and the compressed model's
+block inputs and outputs) are kept at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import onnx
+
+from onnxopt import graph as graphs
+from onnxopt.calib.readers import DataSource
+from onnxopt.errors import UserError
+from onnxopt.passes import block_fit
+from onnxopt.verify import verify
+
+RECONSTRUCTIONS = ("ls", "block")
+
+
+def check_reconstruct(reconstruct: str, data: bool) -> None:
+    """Refuse an unknown ``--reconstruct``, and ``block`` without data or PyTorch, before any work."""
+    if reconstruct not in RECONSTRUCTIONS:
+        raise UserError(f"unknown --reconstruct {reconstruct!r}; choose {' or '.join(RECONSTRUCTIONS)}")
+    if reconstruct == "block":
+        if not data:
+            raise UserError("--reconstruct block fits blocks on calibration images: give --calib")
+        block_fit.require_torch()
+
+
+def images_within(prepared: onnx.ModelProto, budget: int, available: int) -> int:
+    """How many images' activations fit in ``budget`` bytes (at least 8, at most ``available``)."""
+    shapes = block_fit.tensor_shapes(prepared)
+    largest = max((int(np.prod([d for d in shape[1:] if isinstance(d, int)])) for shape in shapes.values() if shape),
+                  default=1)
+    return int(min(available, max(8, budget // (4 * 4 * largest))))
+
+
+def stack(data: DataSource, count: int) -> dict[str, np.ndarray]:
+    """The first ``count`` samples of ``data`` as arrays (input name -> [count, ...])."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for batch in data.subset(range(count)).batches(32):
+        for name, value in batch.items():
+            parts.setdefault(name, []).append(value)
+    return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+def reconstruct(model: onnx.ModelProto, result, calib: DataSource, holdout: DataSource | None, options,
+                progress=None):
+    """``result`` (a ``CompressionResult`` of ``model``) with its blocks fitted and verified again."""
+    start = time.perf_counter()
+    prepared, _ = graphs.prepare(model, calib.sample_shapes())
+    count = images_within(prepared, options.memory_budget, len(calib))
+    fit_options = block_fit.BlockFitOptions(steps=options.block_steps, seed=options.seed, threads=options.threads)
+    fitted, fits = block_fit.reconstruct_blocks(prepared, result.model, stack(calib, count), fit_options, progress)
+    fitted = graphs.restore_signature(fitted, model)
+    verification = result.verification
+    if holdout is not None and len(holdout) > 0:
+        verification = verify(model, fitted, holdout, options.threads)
+    timings = {**result.timings, "block_reconstruction": time.perf_counter() - start}
+    timings["total"] = result.timings.get("total", 0.0) + timings["block_reconstruction"]
+    summary = {"images": count, "steps": options.block_steps, "lr": fit_options.lr, "batch": fit_options.batch,
+               "blocks": [dataclasses.asdict(fit) for fit in fits]}
+    return dataclasses.replace(result, model=fitted, verification=verification, timings=timings, reconstruction=summary)
