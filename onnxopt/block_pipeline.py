@@ -2,8 +2,9 @@
 the original's on the calibration images (``passes.block_fit``), then verify again.
 
 The images are the calibration set's first ones, as many as ``options.memory_budget`` holds:
-four activations of the largest tensor per image (the original's and the compressed model's
-block inputs and outputs) are kept at once.
+four activations of the largest block boundary per image (the original's and the compressed
+model's block inputs and outputs) are kept at once; a minibatch's activations inside a block
+come on top.
 """
 
 from __future__ import annotations
@@ -33,10 +34,12 @@ def check_reconstruct(reconstruct: str, data: bool) -> None:
         block_fit.require_torch()
 
 
-def images_within(prepared: onnx.ModelProto, budget: int, available: int) -> int:
-    """How many images' activations fit in ``budget`` bytes (at least 8, at most ``available``)."""
+def images_within(prepared: onnx.ModelProto, compressed: onnx.ModelProto, budget: int, available: int) -> int:
+    """How many images' activations fit in ``budget`` bytes (at least 8, at most ``available``):
+    four float32 tensors per image, each the size of the largest block boundary or input."""
     shapes = block_fit.tensor_shapes(prepared)
-    largest = max((int(np.prod([d for d in shape[1:] if isinstance(d, int)])) for shape in shapes.values() if shape),
+    stored = [name for end in block_fit.block_ends(prepared, compressed) for name in end] + block_fit.graph_inputs(prepared)
+    largest = max((int(np.prod([d for d in shapes[name][1:] if isinstance(d, int)])) for name in stored if shapes.get(name)),
                   default=1)
     return int(min(available, max(8, budget // (4 * 4 * largest))))
 
@@ -55,7 +58,7 @@ def reconstruct(model: onnx.ModelProto, result, calib: DataSource, holdout: Data
     """``result`` (a ``CompressionResult`` of ``model``) with its blocks fitted and verified again."""
     start = time.perf_counter()
     prepared, _ = graphs.prepare(model, calib.sample_shapes())
-    count = images_within(prepared, options.memory_budget, len(calib))
+    count = images_within(prepared, result.model, options.memory_budget, len(calib))
     fit_options = block_fit.BlockFitOptions(steps=options.block_steps, seed=options.seed, threads=options.threads)
     fitted, fits = block_fit.reconstruct_blocks(prepared, result.model, stack(calib, count), fit_options, progress)
     fitted = graphs.restore_signature(fitted, model)

@@ -300,9 +300,18 @@ def _stretch(model: onnx.ModelProto, start: list[str], end: list[str]) -> list[o
     return [node for node in model.graph.node if id(node) in needed]
 
 
-def _block_ends(model: onnx.ModelProto, outputs: list[str], candidates: list[str]) -> list[list[str]]:
-    """The blocks' outputs: the candidate cuts, each moved past the parameter-free ops after it
-    (a residual block ends after the ReLU that follows its Add), then the graph's outputs."""
+def graph_inputs(model: onnx.ModelProto) -> list[str]:
+    return [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+
+
+def block_ends(original: onnx.ModelProto, compressed: onnx.ModelProto) -> list[list[str]]:
+    """The blocks' outputs, in order: the cuts of ``compressed`` that ``original`` has with the same
+    shape (the batch dim aside), each moved past the parameter-free ops after it (a residual
+    block ends after the ReLU that follows its Add); last, the graph's outputs."""
+    original_shapes, compressed_shapes = tensor_shapes(original), tensor_shapes(compressed)
+    candidates = [name for name in cuts(compressed)
+                  if name in original_shapes and original_shapes[name][1:] == compressed_shapes.get(name, ())[1:]]
+    model, outputs = compressed, [o.name for o in compressed.graph.output]
     ends = []
     for position, name in enumerate(candidates):
         following = candidates[position + 1] if position + 1 < len(candidates) else None
@@ -398,12 +407,8 @@ def reconstruct_blocks(original: onnx.ModelProto, compressed: onnx.ModelProto,
         torch.set_num_threads(options.threads)
     torch.manual_seed(options.seed)
     generator = np.random.default_rng(options.seed)
-    original_shapes, compressed_shapes = tensor_shapes(original), tensor_shapes(compressed)
-    inputs = [i.name for i in compressed.graph.input if i.name not in {t.name for t in compressed.graph.initializer}]
-    outputs = [o.name for o in compressed.graph.output]
-    boundaries = _block_ends(compressed, outputs, [
-        name for name in cuts(compressed)
-        if name in original_shapes and original_shapes[name][1:] == compressed_shapes.get(name, ())[1:]])   # the batch dim aside
+    inputs = graph_inputs(compressed)
+    boundaries = block_ends(original, compressed)
     original_constants = {t.name: numpy_helper.to_array(t) for t in original.graph.initializer}
     compressed_constants = {t.name: numpy_helper.to_array(t) for t in compressed.graph.initializer}
 
