@@ -82,6 +82,7 @@ class OnnxBlock(torch.nn.Module if torch is not None else object):
     def __init__(self, nodes: list[onnx.NodeProto], constants: dict[str, np.ndarray], inputs: list[str],
                  outputs: list[str], trainable: bool):
         super().__init__()
+        nodes, constants = _fold_constants(nodes, constants)
         self.nodes, self.inputs, self.outputs = nodes, inputs, outputs
         self.trained: dict[str, torch.nn.Parameter] = {}
         self.constants: dict[str, torch.Tensor] = {}
@@ -136,6 +137,22 @@ class OnnxBlock(torch.nn.Module if torch is not None else object):
         with torch.no_grad():
             for name, value in weights.items():
                 self.trained[name].copy_(_layout(torch.from_numpy(value)))
+
+
+def _fold_constants(nodes: list[onnx.NodeProto], constants: dict[str, np.ndarray]) -> tuple[list[onnx.NodeProto], dict]:
+    """Nodes that read only constants (shape arithmetic, e.g. the pads an exporter computes for a
+    ResNet's option-A shortcut with ConstantOfShape, Slice, Transpose, Cast) evaluated once by
+    onnx's reference implementation; the rest, and the constants with the folded values."""
+    from onnx.reference import ReferenceEvaluator
+
+    constants, kept = dict(constants), []
+    for node in nodes:
+        if node.op_type not in TRAINABLE_OPS and all(not name or name in constants for name in node.input):
+            values = ReferenceEvaluator(node).run(None, {name: constants[name] for name in node.input if name})
+            constants.update((name, np.asarray(value)) for name, value in zip(node.output, values) if name)
+        else:
+            kept.append(node)
+    return kept, constants
 
 
 def _layout(tensor):

@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from conftest import run, small_cnn
+from conftest import run, shared_path, small_cnn
 from onnxopt.errors import UserError
 from onnxopt.graph import prepare
 from test_channel_groups import Builder, concat_model, depthwise_model, option_a_model, residual_model
@@ -59,6 +59,32 @@ def test_interpreter_agrees_with_onnxruntime(make):
     x = np.random.default_rng(1).standard_normal((3, 3, size, size)).astype(np.float32)
     for ours, reference in zip(_torch_run(model, x), run(model, {"x": x})):
         np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_interpreter_runs_resnet20_with_its_computed_shortcut_pads():
+    """The CIFAR ResNets' option-A shortcuts pad channels by pads computed from constants
+    (ConstantOfShape, Concat, Slice with step -1, Transpose, Cast): folded once, then run."""
+    path = shared_path("models/cifar10_resnet20.onnx")
+    model = onnx.load(path)
+    prepared, _ = prepare(model, {model.graph.input[0].name: (3, 32, 32)})
+    name = prepared.graph.input[0].name
+    assert {"ConstantOfShape", "Pad"} <= {node.op_type for node in prepared.graph.node}
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    constants = {t.name: numpy_helper.to_array(t) for t in prepared.graph.initializer}
+    block = block_fit.OnnxBlock(list(prepared.graph.node), constants, [name], [prepared.graph.output[0].name], trainable=False)
+    with torch.no_grad():
+        ours = block(torch.from_numpy(x))[0].numpy()
+    np.testing.assert_allclose(ours, run(prepared, {name: x})[0], rtol=1e-4, atol=1e-4)
+
+
+def test_images_within_the_memory_budget():
+    from onnxopt.block_pipeline import images_within
+
+    original = prepare(small_cnn())[0]
+    per_image = 4 * 4 * 16 * 12 * 12          # four float32 copies of the largest boundary, [16, 12, 12]
+    assert images_within(original, original, 100 * per_image, 1000) == 100
+    assert images_within(original, original, 100 * per_image, 50) == 50
+    assert images_within(original, original, 1, 1000) == 8
 
 
 def test_cuts_are_where_every_path_passes():
