@@ -272,9 +272,13 @@ def _run(node: onnx.NodeProto, args: list) -> list:
 
 def cuts(model: onnx.ModelProto) -> list[str]:
     """The tensors every path from the graph's inputs to its outputs passes through, in order:
-    after a node, the only tensor still to be read (not a graph output)."""
+    after a node, the only tensor still to be read (not a graph output), constants and what is
+    computed from them alone aside."""
     graph = model.graph
     constants = {init.name for init in graph.initializer}
+    for node in graph.node:     # computed from constants only (shape arithmetic): constants too, never live
+        if all(not name or name in constants for name in node.input):
+            constants.update(node.output)
     last_use: dict[str, int] = {}
     for position, node in enumerate(graph.node):
         for name in node.input:
@@ -286,7 +290,7 @@ def cuts(model: onnx.ModelProto) -> list[str]:
     for position, node in enumerate(graph.node):
         live |= {name for name in node.output if name}
         live = {name for name in live if last_use.get(name, -1) > position or name in outputs}
-        if len(live) == 1 and not live & outputs:
+        if len(live) == 1 and not live & outputs and live != set(found[-1:]):
             found.append(next(iter(live)))
     return found
 

@@ -92,6 +92,17 @@ def test_cuts_are_where_every_path_passes():
     assert "r0" in cuts and "r2" in cuts                 # the residual block's input and output
     assert "r1" not in cuts and "block.conv2.out" not in cuts   # inside it the shortcut is live too
     assert "y" not in cuts                                 # graph outputs are not cuts
+    assert len(cuts) == len(set(cuts))
+
+
+def test_what_is_computed_from_constants_alone_does_not_break_cuts():
+    """A constant computed at the start and read at the end (an exporter's shape arithmetic)
+    is not live in between."""
+    model = prepare(small_cnn())[0]
+    gemm = next(node for node in model.graph.node if node.op_type == "Gemm")
+    gemm.input[2] = "fc.b.copy"
+    model.graph.node.insert(0, onnx.helper.make_node("Identity", ["fc.b"], ["fc.b.copy"], name="copy"))
+    assert {"r0", "r2"} <= set(block_fit.cuts(model))
 
 
 def test_an_op_it_cannot_run_is_a_one_line_error():
