@@ -21,17 +21,11 @@ from onnxopt.errors import UserError
 from onnxopt.passes import block_fit
 from onnxopt.verify import verify
 
-RECONSTRUCTIONS = ("ls", "block")
-
-
-def check_reconstruct(reconstruct: str, data: bool) -> None:
-    """Refuse an unknown ``--reconstruct``, and ``block`` without data or PyTorch, before any work."""
-    if reconstruct not in RECONSTRUCTIONS:
-        raise UserError(f"unknown --reconstruct {reconstruct!r}; choose {' or '.join(RECONSTRUCTIONS)}")
-    if reconstruct == "block":
-        if not data:
-            raise UserError("--reconstruct block fits blocks on calibration images: give --calib")
-        block_fit.require_torch()
+def check_block_data(calib: DataSource | None) -> None:
+    """Refuse ``--reconstruct block`` without calibration data or PyTorch, before any work."""
+    if calib is None or len(calib) == 0:
+        raise UserError("--reconstruct block fits blocks on calibration images: give --calib")
+    block_fit.require_torch()
 
 
 def images_within(prepared: onnx.ModelProto, compressed: onnx.ModelProto, budget: int, available: int) -> int:

@@ -49,6 +49,7 @@ PRUNE_METHODS = ("prune", "filter-std", "filter-l1")
 SELECTIONS = ("lasso", "greedy")       # channel pruning (prune, auto): He et al.'s LASSO path, or backward elimination
 METHODS = ("lowrank", *PRUNE_METHODS, "tucker2", "auto")
 COSTS = ("macs", "latency")
+RECONSTRUCTIONS = ("ls", "block")     # each method's layer-wise least squares; then block_pipeline
 
 
 def check_selection(selection: str) -> None:
@@ -428,13 +429,15 @@ def compress(model: onnx.ModelProto, calib: DataSource | None, holdout: DataSour
              progress: Progress | None = None) -> CompressionResult:
     """Compress ``model`` with ``options.method``; with ``options.reconstruct == "block"``, then fit
     its blocks to the original's (``block_pipeline``)."""
-    from onnxopt.block_pipeline import check_reconstruct, reconstruct
+    if options.reconstruct not in RECONSTRUCTIONS:
+        raise UserError(f"unknown --reconstruct {options.reconstruct!r}; choose {' or '.join(RECONSTRUCTIONS)}")
+    if options.reconstruct == "ls":
+        return _compress_with_method(model, calib, holdout, options, progress)
+    from onnxopt.block_pipeline import check_block_data, reconstruct    # imports PyTorch
 
-    check_reconstruct(options.reconstruct, calib is not None and len(calib) > 0)
+    check_block_data(calib)
     result = _compress_with_method(model, calib, holdout, options, progress)
-    if options.reconstruct == "block":
-        result = reconstruct(model, result, calib, holdout, options, progress)
-    return result
+    return reconstruct(model, result, calib, holdout, options, progress)
 
 
 def _compress_with_method(model: onnx.ModelProto, calib: DataSource | None, holdout: DataSource | None,

@@ -66,7 +66,7 @@ def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _pool_padding(x, pads: list[int], value: float):
+def _explicit_pad(x, pads: list[int], value: float):
     """Explicit ONNX pads [x1_begin, x2_begin, ..., x1_end, x2_end] applied with F.pad."""
     half = len(pads) // 2
     torch_pads = []
@@ -176,7 +176,7 @@ def _run(node: onnx.NodeProto, args: list) -> list:
         if pads[:spatial] == pads[spatial:]:
             padding, xp = pads[:spatial], x
         else:
-            padding, xp = 0, _pool_padding(x, pads, 0.0)
+            padding, xp = 0, _explicit_pad(x, pads, 0.0)
         return [F.conv2d(xp, args[1], args[2] if len(args) > 2 else None, stride=list(a.get("strides", [1, 1])),
                          padding=padding, dilation=list(a.get("dilations", [1, 1])), groups=a.get("group", 1))]
     if op == "Gemm":
@@ -212,13 +212,13 @@ def _run(node: onnx.NodeProto, args: list) -> list:
         strides = list(a.get("strides", [1] * len(kernel)))
         ceil = bool(a.get("ceil_mode", 0))
         if op == "MaxPool":
-            return [F.max_pool2d(_pool_padding(x, pads, -math.inf), kernel, strides, ceil_mode=ceil,
+            return [F.max_pool2d(_explicit_pad(x, pads, -math.inf), kernel, strides, ceil_mode=ceil,
                                  dilation=list(a.get("dilations", [1] * len(kernel))))]
         if any(pads) and not a.get("count_include_pad", 0):
             if pads[:len(kernel)] != pads[len(kernel):]:
                 raise UserError(f"--reconstruct block: asymmetric AveragePool pads (node {node.name!r}); use --reconstruct ls")
             return [F.avg_pool2d(x, kernel, strides, padding=pads[:len(kernel)], ceil_mode=ceil, count_include_pad=False)]
-        return [F.avg_pool2d(_pool_padding(x, pads, 0.0), kernel, strides, ceil_mode=ceil)]
+        return [F.avg_pool2d(_explicit_pad(x, pads, 0.0), kernel, strides, ceil_mode=ceil)]
     if op == "GlobalAveragePool":
         return [x.mean(dim=tuple(range(2, x.dim())), keepdim=True)]
     if op == "GlobalMaxPool":
@@ -249,7 +249,7 @@ def _run(node: onnx.NodeProto, args: list) -> list:
             raise UserError(f"--reconstruct block: Pad mode {a['mode']} (node {node.name!r}); use --reconstruct ls")
         pads = _ints(args[1])
         value = float(args[2]) if len(args) > 2 and args[2] is not None and args[2].numel() else 0.0
-        return [_pool_padding(x, pads, value)]
+        return [_explicit_pad(x, pads, value)]
     if op in ("Identity", "Dropout"):
         return [x] + ([torch.ones_like(x, dtype=torch.bool)] if len(node.output) > 1 else [])
     if op == "Softmax":
@@ -456,7 +456,7 @@ def reconstruct_blocks(original: onnx.ModelProto, compressed: onnx.ModelProto,
             fitted.update(block.weights())
             fits.append(BlockFit(end[0], len(nodes), sum(p.numel() for p in block.params), before, after, options.steps,
                                  time.perf_counter() - t0))
-        x_cur = _apply(block, x_cur, options.batch)
+        x_cur = _apply(block, x_cur, options.batch) if changed else y_orig    # unchanged, on the same inputs
         x_orig, start, drifted = y_orig, end, drifted or changed
     result = onnx.ModelProto()
     result.CopyFrom(compressed)
