@@ -19,7 +19,8 @@ from onnxopt import graph as graphs
 from onnxopt.calib.readers import DataSource
 from onnxopt.errors import UserError
 from onnxopt.passes import block_fit
-from onnxopt.verify import verify
+from onnxopt.verify import check_structure, verify
+
 
 def check_block_data(calib: DataSource | None) -> None:
     """Refuse ``--reconstruct block`` without calibration data or PyTorch, before any work."""
@@ -55,10 +56,11 @@ def reconstruct(model: onnx.ModelProto, result, calib: DataSource, holdout: Data
     count = images_within(prepared, result.model, options.memory_budget, len(calib))
     fit_options = block_fit.BlockFitOptions(steps=options.block_steps, seed=options.seed, threads=options.threads)
     fitted, fits = block_fit.reconstruct_blocks(prepared, result.model, stack(calib, count), fit_options, progress)
-    fitted = graphs.restore_signature(fitted, model)
     verification = result.verification
     if holdout is not None and len(holdout) > 0:
         verification = verify(model, fitted, holdout, options.threads)
+    else:
+        check_structure(model, fitted)
     timings = {**result.timings, "block_reconstruction": time.perf_counter() - start}
     timings["total"] = result.timings.get("total", 0.0) + timings["block_reconstruction"]
     summary = {"images": count, "steps": options.block_steps, "lr": fit_options.lr, "batch": fit_options.batch,
