@@ -332,11 +332,10 @@ def block_ends(original: onnx.ModelProto, compressed: onnx.ModelProto) -> list[l
     original_shapes, compressed_shapes = tensor_shapes(original), tensor_shapes(compressed)
     candidates = [name for name in cuts(compressed)
                   if name in original_shapes and original_shapes[name][1:] == compressed_shapes.get(name, ())[1:]]
-    model, outputs = compressed, [o.name for o in compressed.graph.output]
-    ends = []
+    outputs, ends = [o.name for o in compressed.graph.output], []
     for position, name in enumerate(candidates):
         following = candidates[position + 1] if position + 1 < len(candidates) else None
-        rest = _stretch(model, [name], [following] if following else outputs)
+        rest = _stretch(compressed, [name], [following] if following else outputs)
         if any(node.op_type in TRAINABLE_OPS for node in rest):
             ends.append([name])
     return ends + [outputs]
@@ -358,7 +357,7 @@ class BlockFit:
 class BlockFitOptions:
     steps: int = 300            # Adam steps per block
     batch: int = 16             # images per step
-    lr: float = 3e-3             # relative: per Conv/Gemm, times the RMS of its weight (OnnxBlock.param_groups)
+    lr: float = 3e-3            # relative: per Conv/Gemm, times the RMS of its weight (OnnxBlock.param_groups)
     check_every: int = 50
     holdout_fraction: float = 0.125
     seed: int = 0
