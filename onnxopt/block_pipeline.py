@@ -29,7 +29,8 @@ def check_block_data(calib: DataSource | None) -> None:
     block_fit.require_torch()
 
 
-def images_within(prepared: onnx.ModelProto, compressed: onnx.ModelProto, budget: int, available: int) -> int:
+def images_within(prepared: onnx.ModelProto, compressed: onnx.ModelProto, budget: int, available: int,
+                  span: int = 1) -> int:
     """How many images' activations fit in ``budget`` bytes (at least 8, at most ``available``):
     four float32 tensors per image, each the size of the largest block boundary or input."""
     shapes = block_fit.tensor_shapes(prepared)
@@ -53,8 +54,9 @@ def reconstruct(model: onnx.ModelProto, result, calib: DataSource, holdout: Data
     """``result`` (a ``CompressionResult`` of ``model``) with its blocks fitted and verified again."""
     start = time.perf_counter()
     prepared, _ = graphs.prepare(model, calib.sample_shapes())
-    count = images_within(prepared, result.model, options.memory_budget, len(calib))
-    fit_options = block_fit.BlockFitOptions(steps=options.block_steps, seed=options.seed, threads=options.threads)
+    count = images_within(prepared, result.model, options.memory_budget, len(calib), options.block_span)
+    fit_options = block_fit.BlockFitOptions(steps=options.block_steps, span=options.block_span, seed=options.seed,
+                                            threads=options.threads)
     fitted, fits = block_fit.reconstruct_blocks(prepared, result.model, stack(calib, count), fit_options, progress)
     verification = result.verification
     if holdout is not None and len(holdout) > 0:
@@ -63,6 +65,6 @@ def reconstruct(model: onnx.ModelProto, result, calib: DataSource, holdout: Data
         check_structure(model, fitted)
     timings = {**result.timings, "block_reconstruction": time.perf_counter() - start}
     timings["total"] = result.timings.get("total", 0.0) + timings["block_reconstruction"]
-    summary = {"images": count, "steps": options.block_steps, "lr": fit_options.lr, "batch": fit_options.batch,
+    summary = {"images": count, "steps": options.block_steps, "span": options.block_span, "lr": fit_options.lr, "batch": fit_options.batch,
                "blocks": [dataclasses.asdict(fit) for fit in fits]}
     return dataclasses.replace(result, model=fitted, verification=verification, timings=timings, reconstruction=summary)

@@ -325,10 +325,11 @@ def graph_inputs(model: onnx.ModelProto) -> list[str]:
     return [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
 
 
-def block_ends(original: onnx.ModelProto, compressed: onnx.ModelProto) -> list[list[str]]:
+def block_ends(original: onnx.ModelProto, compressed: onnx.ModelProto, span: int = 1) -> list[list[str]]:
     """The blocks' outputs, in order: the cuts of ``compressed`` that ``original`` has with the same
     shape (the batch dim aside), each moved past the parameter-free ops after it (a residual
-    block ends after the ReLU that follows its Add); last, the graph's outputs."""
+    block ends after the ReLU that follows its Add); last, the graph's outputs. With ``span`` > 1,
+    only every ``span``-th of them: that many consecutive blocks are fitted as one."""
     original_shapes, compressed_shapes = tensor_shapes(original), tensor_shapes(compressed)
     candidates = [name for name in cuts(compressed)
                   if name in original_shapes and original_shapes[name][1:] == compressed_shapes.get(name, ())[1:]]
@@ -338,7 +339,7 @@ def block_ends(original: onnx.ModelProto, compressed: onnx.ModelProto) -> list[l
         rest = _stretch(compressed, [name], [following] if following else outputs)
         if any(node.op_type in TRAINABLE_OPS for node in rest):
             ends.append([name])
-    return ends + [outputs]
+    return ends[span - 1::span] + [outputs]
 
 
 @dataclass
@@ -356,6 +357,7 @@ class BlockFit:
 @dataclass
 class BlockFitOptions:
     steps: int = 300            # Adam steps per block
+    span: int = 1               # consecutive blocks (block_ends) fitted as one
     batch: int = 16             # images per step
     lr: float = 3e-3            # relative: per Conv/Gemm, times the RMS of its weight (OnnxBlock.param_groups)
     check_every: int = 50
@@ -428,7 +430,7 @@ def reconstruct_blocks(original: onnx.ModelProto, compressed: onnx.ModelProto,
     torch.manual_seed(options.seed)
     generator = np.random.default_rng(options.seed)
     inputs = graph_inputs(compressed)
-    boundaries = block_ends(original, compressed)
+    boundaries = block_ends(original, compressed, options.span)
     original_constants = {t.name: numpy_helper.to_array(t) for t in original.graph.initializer}
     compressed_constants = {t.name: numpy_helper.to_array(t) for t in compressed.graph.initializer}
 

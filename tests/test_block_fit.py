@@ -151,6 +151,23 @@ def test_fit_brings_a_damaged_block_back_toward_the_original():
                                    "fc.w", "fc.b"}
 
 
+def test_a_span_fits_consecutive_blocks_as_one():
+    original = prepare(small_cnn())[0]
+    damaged = _damaged(original, 0.5)
+    assert block_fit.block_ends(original, damaged) == [["r0"], ["r2"], ["flat"], ["y"]]
+    assert block_fit.block_ends(original, damaged, span=2) == [["r2"], ["y"]]
+    assert block_fit.block_ends(original, damaged, span=99) == [["y"]]
+    rng = np.random.default_rng(0)
+    calib = {"x": rng.standard_normal((64, 3, 12, 12)).astype(np.float32)}
+    test = rng.standard_normal((64, 3, 12, 12)).astype(np.float32)
+    fitted, fits = block_fit.reconstruct_blocks(original, damaged, calib,
+                                                block_fit.BlockFitOptions(steps=200, span=99, check_every=20))
+    # one block from the input to the output: the stem is in it, so its weights may change too
+    assert [(fit.output, fit.nodes) for fit in fits] == [("y", len(damaged.graph.node))]
+    assert fits[0].loss_after < fits[0].loss_before
+    assert _relative_error(fitted, original, test) < 0.5 * _relative_error(damaged, original, test)
+
+
 def test_an_unchanged_model_is_returned_as_it_was():
     original = prepare(small_cnn())[0]
     calib = {"x": np.random.default_rng(0).standard_normal((16, 3, 12, 12)).astype(np.float32)}
@@ -187,6 +204,8 @@ def test_compress_reconstruct_block_from_the_command_line(tmp_path, small_model_
     assert block_model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
 
     assert_user_error(onnxopt(*common, "-o", tmp_path / "x.onnx", "--reconstruct", "adam"), "unknown --reconstruct 'adam'")
+    assert_user_error(onnxopt(*common, "-o", tmp_path / "x.onnx", "--reconstruct", "block", "--reconstruct-span", "0"),
+                      "--reconstruct-span must be at least 1")
     assert_user_error(onnxopt("compress", small_model_file, "-o", tmp_path / "y.onnx", "--method", "filter-std",
                               "--speedup", "1.5", "--reconstruct", "block"), "--reconstruct block", "--calib")
     assert not (tmp_path / "x.onnx").exists() and not (tmp_path / "y.onnx").exists()
