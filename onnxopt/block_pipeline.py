@@ -30,7 +30,7 @@ def check_block_data(calib: DataSource | None) -> None:
 
 
 def images_within(prepared: onnx.ModelProto, compressed: onnx.ModelProto, budget: int, available: int,
-                  span: int = 1) -> int:
+                  span: int | str = 1) -> int:
     """How many images' activations fit in ``budget`` bytes (at least 8, at most ``available``):
     four float32 tensors per image, each the size of the largest block boundary or input."""
     shapes = block_fit.tensor_shapes(prepared)

@@ -140,7 +140,7 @@ def compress(
     sensitivity_grid: int = typer.Option(8, "--sensitivity-grid", help="--allocation sensitivity: ranks or keep counts measured per layer (the rest interpolated)."),
     reconstruct: str = typer.Option("ls", "--reconstruct", help="ls (each method's layer-wise least squares), or block: then fit each block of the compressed model, through its nonlinearities, to the original's block outputs on the calibration images (needs PyTorch: pip install 'onnxopt[reconstruct]')."),
     block_steps: int = typer.Option(300, "--reconstruct-steps", help="--reconstruct block: Adam steps per block."),
-    block_span: int = typer.Option(1, "--reconstruct-span", help="--reconstruct block: consecutive blocks (residual blocks, Fire modules, a chain's layers) fitted as one; a number larger than the model's block count fits the whole network at once."),
+    block_span: str = typer.Option("1", "--reconstruct-span", help="--reconstruct block: how many consecutive blocks (residual blocks, Fire modules, a chain's layers) are fitted as one: a number (larger than the model's block count: the whole network at once), or stage (every block of one spatial size)."),
     compression_stages: int = typer.Option(1, "--stages", help="tucker2: MUSCO stages (decompose, refit, repeat on the result); with --speedup, stop once it is met. Not --calib-stages."),
 ) -> None:
     """Compress IN.onnx to a model with SPEEDUP times fewer MACs, calibrated on your data."""
@@ -167,8 +167,8 @@ def compress(
         raise UserError(f"--round-to must be at least 1 (got {round_to})")
     if block_steps < 1:
         raise UserError(f"--reconstruct-steps must be at least 1 (got {block_steps})")
-    if block_span < 1:
-        raise UserError(f"--reconstruct-span must be at least 1 (got {block_span})")
+    if block_span != "stage" and not (block_span.isdigit() and int(block_span) >= 1):
+        raise UserError(f"--reconstruct-span must be stage or a whole number of at least 1 (got {block_span})")
     if sensitivity_grid < 2:
         raise UserError(f"--sensitivity-grid must be at least 2 (got {sensitivity_grid})")
     method = method or ("auto" if max_drop is not None else "lowrank")
@@ -189,7 +189,8 @@ def compress(
                               rows_per_layer=rows, stages=stages, threads=threads, solver=solver,
                               asymmetric=not symmetric, allocation=allocation, cost=cost, round_to=round_to, selection=selection,
                               vbmf_weaken=vbmf_weaken, compression_stages=compression_stages, sensitivity_grid=sensitivity_grid,
-                              reconstruct=reconstruct, block_steps=block_steps, block_span=block_span)
+                              reconstruct=reconstruct, block_steps=block_steps,
+                              block_span=block_span if block_span == "stage" else int(block_span))
     search = None
     bar, progress = _progress()
     with bar or nullcontext():

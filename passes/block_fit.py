@@ -325,11 +325,13 @@ def graph_inputs(model: onnx.ModelProto) -> list[str]:
     return [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
 
 
-def block_ends(original: onnx.ModelProto, compressed: onnx.ModelProto, span: int = 1) -> list[list[str]]:
+def block_ends(original: onnx.ModelProto, compressed: onnx.ModelProto, span: int | str = 1) -> list[list[str]]:
     """The blocks' outputs, in order: the cuts of ``compressed`` that ``original`` has with the same
     shape (the batch dim aside), each moved past the parameter-free ops after it (a residual
     block ends after the ReLU that follows its Add); last, the graph's outputs. With ``span`` > 1,
-    only every ``span``-th of them: that many consecutive blocks are fitted as one."""
+    only every ``span``-th of them: that many consecutive blocks are fitted as one. With
+    ``span == "stage"``, only the last of each stage: the ends with the same spatial size (a
+    pooled end, without spatial size, stays in the stage before it)."""
     original_shapes, compressed_shapes = tensor_shapes(original), tensor_shapes(compressed)
     candidates = [name for name in cuts(compressed)
                   if name in original_shapes and original_shapes[name][1:] == compressed_shapes.get(name, ())[1:]]
@@ -339,6 +341,13 @@ def block_ends(original: onnx.ModelProto, compressed: onnx.ModelProto, span: int
         rest = _stretch(compressed, [name], [following] if following else outputs)
         if any(node.op_type in TRAINABLE_OPS for node in rest):
             ends.append([name])
+    if span == "stage":
+        sizes = []
+        for (name,) in ends:
+            spatial = original_shapes[name][2:]
+            sizes.append(spatial if any(d != 1 for d in spatial) or not sizes else sizes[-1])
+        sizes.append(None)
+        return [end for end, size, following in zip(ends, sizes, sizes[1:]) if size != following] + [outputs]
     return ends[span - 1::span] + [outputs]
 
 
@@ -348,7 +357,8 @@ class BlockFit:
     output: str
     nodes: int
     parameters: int
-    loss_before: float        # held-out relative squared error of the block's output
+    loss: str                 # _Objective: "relative_l2", or "kl" for a classifier's logits
+    loss_before: float        # on the held-out images
     loss_after: float
     steps: int
     seconds: float
@@ -357,7 +367,7 @@ class BlockFit:
 @dataclass
 class BlockFitOptions:
     steps: int = 300            # Adam steps per block
-    span: int = 1               # consecutive blocks (block_ends) fitted as one
+    span: int | str = 1         # consecutive blocks (block_ends) fitted as one, or "stage"
     batch: int = 16             # images per step
     lr: float = 3e-3            # relative: per Conv/Gemm, times the RMS of its weight (OnnxBlock.param_groups)
     check_every: int = 50
@@ -383,34 +393,53 @@ def _apply(block: OnnxBlock, data: _Data, batch: int) -> _Data:
     return _Data([torch.cat([o[i] for o in outs]) for i in range(len(block.outputs))])
 
 
-def _relative_error(block: OnnxBlock, inputs: _Data, targets: _Data, index, batch: int) -> float:
-    error, energy = 0.0, 0.0
-    with torch.no_grad():
-        for start in range(0, len(index), batch):
-            part = index[start:start + batch]
-            for y, t in zip(block(*inputs.take(part)), targets.take(part)):
-                error += float(((y - t) ** 2).sum())
-                energy += float((t ** 2).sum())
-    return error / max(energy, 1e-30)
+class _Objective:
+    """What a block's fit minimises, per image: the squared error relative to the targets' mean
+    energy; for the block that ends at a classifier's logits (the graph's one output, shaped
+    (N, classes)) the KL divergence ``KL(softmax t ‖ softmax y)`` of the original's class
+    distribution from the fitted one, as in distillation (Hinton et al. 2015), since squared
+    error weighs what top-1 ignores: SqueezeNet's logits (a ReLU's average) share a large
+    positive part, and 1% relative error there moved the top-1 class on a third of the photos."""
+
+    def __init__(self, targets: _Data, train, classifier: bool):
+        self.kind = "kl" if classifier else "relative_l2"
+        self.energy = 1.0 if classifier else sum(float((t[train] ** 2).sum()) for t in targets.tensors) / len(train)
+
+    def summed(self, outputs, targets):
+        """The loss summed over the images of a minibatch (a tensor, for gradients)."""
+        if self.kind == "kl":
+            (y,), (t,) = outputs, targets
+            return F.kl_div(F.log_softmax(y, 1), F.log_softmax(t, 1), log_target=True, reduction="sum")
+        return sum(((y - t) ** 2).sum() for y, t in zip(outputs, targets)) / self.energy
+
+    def held_out(self, block: OnnxBlock, inputs: _Data, targets: _Data, index, batch: int) -> float:
+        """The mean loss per image on ``index``."""
+        with torch.no_grad():
+            total = sum(float(self.summed(block(*inputs.take(part)), targets.take(part)))
+                        for part in (index[start:start + batch] for start in range(0, len(index), batch)))
+        return total / max(len(index), 1)
 
 
-def _fit(block: OnnxBlock, inputs: _Data, targets: _Data, train, held, options: BlockFitOptions,
+def _is_logits(block: OnnxBlock, targets: _Data, graph_outputs: list[str]) -> bool:
+    return block.outputs == graph_outputs and len(targets.tensors) == 1 and targets.tensors[0].dim() == 2 \
+        and targets.tensors[0].shape[1] > 1
+
+
+def _fit(block: OnnxBlock, inputs: _Data, targets: _Data, train, held, objective: _Objective, options: BlockFitOptions,
          generator: np.random.Generator) -> tuple[float, float]:
-    best = (_relative_error(block, inputs, targets, held, options.batch), block.weights())
+    best = (objective.held_out(block, inputs, targets, held, options.batch), block.weights())
     before = best[0]
     optimizer = torch.optim.Adam(block.param_groups(options.lr))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, options.steps)
-    energy = sum(float((t[train] ** 2).sum()) for t in targets.tensors) / len(train)
     for step in range(1, options.steps + 1):
         part = generator.choice(train, size=min(options.batch, len(train)), replace=False)
-        outputs = block(*inputs.take(part))
-        loss = sum(((y - t) ** 2).sum() for y, t in zip(outputs, targets.take(part))) / (len(part) * energy)
+        loss = objective.summed(block(*inputs.take(part)), targets.take(part)) / len(part)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         schedule.step()
         if step % options.check_every == 0 or step == options.steps:
-            error = _relative_error(block, inputs, targets, held, options.batch)
+            error = objective.held_out(block, inputs, targets, held, options.batch)
             if error < best[0]:
                 best = (error, block.weights())
     block.load(best[1])
@@ -431,6 +460,7 @@ def reconstruct_blocks(original: onnx.ModelProto, compressed: onnx.ModelProto,
     generator = np.random.default_rng(options.seed)
     inputs = graph_inputs(compressed)
     boundaries = block_ends(original, compressed, options.span)
+    graph_outputs = boundaries[-1]
     original_constants = {t.name: numpy_helper.to_array(t) for t in original.graph.initializer}
     compressed_constants = {t.name: numpy_helper.to_array(t) for t in compressed.graph.initializer}
 
@@ -453,10 +483,11 @@ def reconstruct_blocks(original: onnx.ModelProto, compressed: onnx.ModelProto,
             for name, value in ((n, compressed_constants[n]) for n in block.trained))
         if changed and block.trained:
             t0 = time.perf_counter()
-            before, after = _fit(block, x_cur, y_orig, train, held, options, generator)
+            objective = _Objective(y_orig, train, _is_logits(block, y_orig, graph_outputs))
+            before, after = _fit(block, x_cur, y_orig, train, held, objective, options, generator)
             fitted.update(block.weights())
-            fits.append(BlockFit(end[0], len(nodes), sum(p.numel() for p in block.params), before, after, options.steps,
-                                 time.perf_counter() - t0))
+            fits.append(BlockFit(end[0], len(nodes), sum(p.numel() for p in block.params), objective.kind, before, after,
+                                 options.steps, time.perf_counter() - t0))
         x_cur = _apply(block, x_cur, options.batch) if changed else y_orig    # unchanged, on the same inputs
         x_orig, start, drifted = y_orig, end, drifted or changed
     result = onnx.ModelProto()

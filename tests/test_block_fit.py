@@ -141,6 +141,8 @@ def test_fit_brings_a_damaged_block_back_toward_the_original():
     onnx.checker.check_model(fitted, full_check=True)
     # the damaged block, and every block after it (its input drifted), are fitted; the stem is not
     assert [fit.output for fit in fits] == ["r2", "flat", "y"]
+    # the classifier's logits are fitted on the KL divergence of the class distributions, the rest on squared error
+    assert [fit.loss for fit in fits] == ["relative_l2", "relative_l2", "kl"]
     assert all(fit.loss_after <= fit.loss_before for fit in fits)
     before, after = _relative_error(damaged, original, test), _relative_error(fitted, original, test)
     assert after < 0.5 * before, (before, after)
@@ -151,12 +153,26 @@ def test_fit_brings_a_damaged_block_back_toward_the_original():
                                    "fc.w", "fc.b"}
 
 
+def test_the_logits_objective_is_the_kl_divergence_of_the_class_distributions():
+    rng = np.random.default_rng(0)
+    t, y = rng.standard_normal((5, 7)), rng.standard_normal((5, 7))
+    p, q = np.exp(t) / np.exp(t).sum(1, keepdims=True), np.exp(y) / np.exp(y).sum(1, keepdims=True)
+    expected = float((p * np.log(p / q)).sum())
+    targets = block_fit._Data([torch.tensor(t)])
+    objective = block_fit._Objective(targets, np.arange(5), classifier=True)
+    assert float(objective.summed([torch.tensor(y)], [torch.tensor(t)])) == pytest.approx(expected, rel=1e-9)
+    squared = block_fit._Objective(targets, np.arange(5), classifier=False)     # relative to the mean energy per image
+    assert float(squared.summed([torch.tensor(y)], [torch.tensor(t)])) == pytest.approx(((y - t) ** 2).sum() / ((t ** 2).sum() / 5))
+
+
 def test_a_span_fits_consecutive_blocks_as_one():
     original = prepare(small_cnn())[0]
     damaged = _damaged(original, 0.5)
     assert block_fit.block_ends(original, damaged) == [["r0"], ["r2"], ["flat"], ["y"]]
     assert block_fit.block_ends(original, damaged, span=2) == [["r2"], ["y"]]
     assert block_fit.block_ends(original, damaged, span=99) == [["y"]]
+    # stages: r0 and r2 are 12x12 (the residual block keeps the size), flat is pooled (the same stage)
+    assert block_fit.block_ends(original, damaged, span="stage") == [["flat"], ["y"]]
     rng = np.random.default_rng(0)
     calib = {"x": rng.standard_normal((64, 3, 12, 12)).astype(np.float32)}
     test = rng.standard_normal((64, 3, 12, 12)).astype(np.float32)
@@ -205,7 +221,7 @@ def test_compress_reconstruct_block_from_the_command_line(tmp_path, small_model_
 
     assert_user_error(onnxopt(*common, "-o", tmp_path / "x.onnx", "--reconstruct", "adam"), "unknown --reconstruct 'adam'")
     assert_user_error(onnxopt(*common, "-o", tmp_path / "x.onnx", "--reconstruct", "block", "--reconstruct-span", "0"),
-                      "--reconstruct-span must be at least 1")
+                      "--reconstruct-span must be stage or a whole number")
     assert_user_error(onnxopt("compress", small_model_file, "-o", tmp_path / "y.onnx", "--method", "filter-std",
                               "--speedup", "1.5", "--reconstruct", "block"), "--reconstruct block", "--calib")
     assert not (tmp_path / "x.onnx").exists() and not (tmp_path / "y.onnx").exists()
