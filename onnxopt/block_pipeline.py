@@ -34,7 +34,7 @@ def images_within(prepared: onnx.ModelProto, compressed: onnx.ModelProto, budget
     """How many images' activations fit in ``budget`` bytes (at least 8, at most ``available``):
     four float32 tensors per image, each the size of the largest block boundary or input."""
     shapes = block_fit.tensor_shapes(prepared)
-    stored = [name for end in block_fit.block_ends(prepared, compressed) for name in end] + block_fit.graph_inputs(prepared)
+    stored = [name for end in block_fit.block_ends(prepared, compressed, span) for name in end] + block_fit.graph_inputs(prepared)
     largest = max((int(np.prod([d for d in shapes[name][1:] if isinstance(d, int)])) for name in stored if shapes.get(name)),
                   default=1)
     return int(min(available, max(8, budget // (4 * 4 * largest))))

@@ -140,7 +140,7 @@ def compress(
     sensitivity_grid: int = typer.Option(8, "--sensitivity-grid", help="--allocation sensitivity: ranks or keep counts measured per layer (the rest interpolated)."),
     reconstruct: str = typer.Option("ls", "--reconstruct", help="ls (each method's layer-wise least squares), or block: then fit each block of the compressed model, through its nonlinearities, to the original's block outputs on the calibration images (needs PyTorch: pip install 'onnxopt[reconstruct]')."),
     block_steps: int = typer.Option(300, "--reconstruct-steps", help="--reconstruct block: Adam steps per block."),
-    block_span: str = typer.Option("1", "--reconstruct-span", help="--reconstruct block: how many consecutive blocks (residual blocks, Fire modules, a chain's layers) are fitted as one: a number (larger than the model's block count: the whole network at once), or stage (every block of one spatial size)."),
+    block_span: str = typer.Option("stage", "--reconstruct-span", help="--reconstruct block: which consecutive blocks (residual blocks, Fire modules, a chain's layers) are fitted as one: stage (every block of one spatial size; measured best on ResNet-56, MobileNetV2 and SqueezeNet), or a number of blocks (1: each alone; more than the model has: the whole network at once)."),
     compression_stages: int = typer.Option(1, "--stages", help="tucker2: MUSCO stages (decompose, refit, repeat on the result); with --speedup, stop once it is met. Not --calib-stages."),
 ) -> None:
     """Compress IN.onnx to a model with SPEEDUP times fewer MACs, calibrated on your data."""

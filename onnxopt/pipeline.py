@@ -83,7 +83,7 @@ class CompressOptions:
     compression_stages: int = 1     # tucker2: MUSCO stages (--stages; not --calib-stages)
     reconstruct: str = "ls"         # "ls" (each method's own layer-wise least squares) or "block" (then passes.block_fit)
     block_steps: int = 300          # --reconstruct block: Adam steps per block
-    block_span: int | str = 1       # --reconstruct block: consecutive blocks fitted as one, or "stage"
+    block_span: int | str = "stage" # --reconstruct block: the blocks of a spatial size fitted as one, or so many
 
 
 @dataclass

@@ -367,7 +367,7 @@ class BlockFit:
 @dataclass
 class BlockFitOptions:
     steps: int = 300            # Adam steps per block
-    span: int | str = 1         # consecutive blocks (block_ends) fitted as one, or "stage"
+    span: int | str = "stage"   # block_ends: the blocks of one spatial size fitted as one, or so many
     batch: int = 16             # images per step
     lr: float = 3e-3            # relative: per Conv/Gemm, times the RMS of its weight (OnnxBlock.param_groups)
     check_every: int = 50
