@@ -139,7 +139,7 @@ def compress(
     vbmf_weaken: float = typer.Option(0.8, "--vbmf-weaken", help="tucker2 and --allocation vbmf: weakening factor w in (0,1] of the EVBMF ranks, rank = full - w (full - EVBMF) (1: EVBMF ranks as they are)."),
     sensitivity_grid: int = typer.Option(8, "--sensitivity-grid", help="--allocation sensitivity: ranks or keep counts measured per layer (the rest interpolated)."),
     reconstruct: str = typer.Option("ls", "--reconstruct", help="ls (each method's layer-wise least squares), or block: then fit each block of the compressed model, through its nonlinearities, to the original's block outputs on the calibration images (needs PyTorch: pip install 'onnxopt[reconstruct]')."),
-    block_steps: int = typer.Option(300, "--reconstruct-steps", help="--reconstruct block: Adam steps per block."),
+    block_steps: int = typer.Option(300, "--reconstruct-steps", help="--reconstruct block: Adam steps per fitted stretch (--reconstruct-span)."),
     block_span: str = typer.Option("stage", "--reconstruct-span", help="--reconstruct block: which consecutive blocks (residual blocks, Fire modules, a chain's layers) are fitted as one: stage (every block of one spatial size; measured best on ResNet-56, MobileNetV2 and SqueezeNet), or a number of blocks (1: each alone; more than the model has: the whole network at once)."),
     compression_stages: int = typer.Option(1, "--stages", help="tucker2: MUSCO stages (decompose, refit, repeat on the result); with --speedup, stop once it is met. Not --calib-stages."),
 ) -> None:

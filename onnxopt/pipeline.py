@@ -82,7 +82,7 @@ class CompressOptions:
     vbmf_weaken: float = 0.8        # tucker2: MUSCO's weakening factor of the EVBMF ranks, in (0, 1]
     compression_stages: int = 1     # tucker2: MUSCO stages (--stages; not --calib-stages)
     reconstruct: str = "ls"         # "ls" (each method's own layer-wise least squares) or "block" (then passes.block_fit)
-    block_steps: int = 300          # --reconstruct block: Adam steps per block
+    block_steps: int = 300          # --reconstruct block: Adam steps per fitted stretch
     block_span: int | str = "stage" # --reconstruct block: the blocks of a spatial size fitted as one, or so many
 
 

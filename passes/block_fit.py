@@ -20,7 +20,13 @@ Blocks are the stretches of the graph between *cuts*: tensors that every path fr
 the output passes through (in node order, the only tensor live after a node). They are a
 residual block's output, a Fire module's Concat, a chain's every activation. A cut is used only
 where the original model has the same tensor with the same shape, so a pruned chain's blocks
-merge into one stretch from one unpruned tensor to the next.
+merge into one stretch from one unpruned tensor to the next. Consecutive blocks are fitted
+together (``span``): by default all those of one spatial size, a stage, so that a stretch's
+later layers are fitted to what its earlier ones give rather than to an intermediate target
+the pruned model may not reach (measured: ResNet-56 `prune` 2x loses 1.04 points with stages
+against 1.55 block by block, MobileNetV2 `prune` 1.3x 2.86 against 4.29). The stretch that ends
+at a classifier's logits is fitted on the KL divergence of the class distributions
+(``_Objective``).
 
 Solver: Adam (Kingma & Ba 2015) on minibatches of images, each layer's step size a fixed
 fraction of its weights' RMS, decayed on a cosine to zero. Every ``check_every`` steps the loss is measured on held-out calibration images; the
@@ -366,7 +372,7 @@ class BlockFit:
 
 @dataclass
 class BlockFitOptions:
-    steps: int = 300            # Adam steps per block
+    steps: int = 300            # Adam steps per fitted stretch
     span: int | str = "stage"   # block_ends: the blocks of one spatial size fitted as one, or so many
     batch: int = 16             # images per step
     lr: float = 3e-3            # relative: per Conv/Gemm, times the RMS of its weight (OnnxBlock.param_groups)
