@@ -817,7 +817,7 @@ def compress_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Da
     if counts is None:
         best = _exact_macs(graph, layer_list, plans, [p.counts[0] for p in plans])
         raise UserError(f"--speedup {options.speedup:g} is out of reach for channel pruning of this model "
-                        f"(at most {macs_before / max(best, 1):.2f}x with the prunable groups at --round-to {analysis.round_to}); lower --speedup")
+                        f"(at most {macs_before / max(best, 1):.2f}x with the prunable groups at --round-to {analysis.round_to}); lower --speedup or --round-to")
     for plan, count in zip(plans, counts):
         plan.keep = count
     timings["allocate"] = timings.get("allocate", 0.0) + time.perf_counter() - t0

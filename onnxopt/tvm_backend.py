@@ -176,13 +176,15 @@ def channel_multiple(name: str) -> int:
     sets ``--round-to`` to it): the float32 lanes of the target's vector unit, so that no
     kernel runs a partly filled vector or falls back to an unblocked layout.
 
-    - ``x86``: 8, the lanes of AVX2. onnxruntime's NCHWc convolutions block channels by 8
-      there and leave a conv whose input channels are not a multiple of 8 in plain NCHW.
-      Measured (``benchmarks/prune_bench.py``, 1 thread): ResNet-56 pruned 2x runs 1.45x / 1.65x
+    - ``x86`` (this machine): 8, the lanes of AVX2; 16 where the CPU has AVX-512F
+      (``_host_cpu_flags``). onnxruntime's NCHWc convolutions block channels by the same
+      number (MLAS's ``NchwcBlockSize``: 8 with AVX2, 16 with AVX-512F) and leave a conv whose
+      input channels are not a multiple of it in plain NCHW. Measured on AVX2
+      (``benchmarks/prune_bench.py``, 1 thread): ResNet-56 pruned 2x runs 1.45x / 1.65x
       faster than the original at batch 1 / 32 with multiples of 8, 1.29x / 1.38x with
       multiples of 4, 1.02x with no rounding; MobileNetV2 at 1.3x the same with 4, 8 or 16
-      (1.26-1.31x), and 0.76x (slower than the original) with none. AVX-512 machines have 16
-      lanes: pass ``--round-to 16`` there.
+      (1.26-1.31x), and 0.76x (slower than the original) with none. Not measured on AVX-512
+      (no such machine here).
     - ARM (``aarch64``, ``armv7``, ``rpi*``): 4, the lanes of 128-bit NEON.
     - CUDA (``cuda``, ``jetson-*``): 8, NVIDIA's rule for Tensor Core shapes in half
       precision (not measured here: no GPU).
@@ -190,9 +192,23 @@ def channel_multiple(name: str) -> int:
     key = name.strip().lower()
     if key not in _PRESETS:
         raise UserError(f"unknown target {name!r}; known targets: {', '.join(_PRESETS)}")
-    if key in ("x86", "cuda") or key.startswith("jetson-"):
+    if key == "x86":
+        return 16 if "avx512f" in _host_cpu_flags() else 8
+    if key == "cuda" or key.startswith("jetson-"):
         return 8
     return 4
+
+
+def _host_cpu_flags() -> set[str]:
+    """This CPU's feature flags (``/proc/cpuinfo``; empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
 
 
 @functools.lru_cache(maxsize=1)
