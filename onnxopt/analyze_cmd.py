@@ -48,6 +48,7 @@ def analyze(
     metric: str = typer.Option("auto", "--metric", help="Damage for the front: auto (top1_drop with --eval-data, else kl for classifiers, else error), top1_drop, kl, error."),
     grid: int = typer.Option(8, "--grid", help="Ranks measured per layer."),
     exclude: Optional[list[str]] = typer.Option(None, "--exclude", help="Leave this layer alone (name or glob; repeatable)."),
+    factorize_classifier: bool = opt.FactorizeClassifier,
     seed: int = opt.Seed,
     rows: int = typer.Option(8192, "--rows-per-layer", help="Sampled response rows per layer."),
     threads: int = opt.Threads,
@@ -80,9 +81,9 @@ def analyze(
     if eval_data is not None:
         held_out, truth = labelled_source(eval_data, inputs, prep, labels, label_offset, eval_size, seed)
         refuse_overlap(source, held_out, eval_data)
-    options = CompressOptions(speedup=2.0, exclude=list(exclude or []), seed=seed, rows_per_layer=rows, threads=threads,
+    options = CompressOptions(speedup=2.0, exclude=list(exclude or []), factorize_classifier=factorize_classifier, seed=seed, rows_per_layer=rows, threads=threads,
                               sensitivity_grid=grid, cache_dir=None if no_cache else default_dir())
-    model_plan = plan(model, options.exclude, calib_data.sample_shapes())
+    model_plan = plan(model, options, calib_data.sample_shapes())
     bar, progress = cli._progress()
     if bar:
         with bar:

@@ -183,7 +183,7 @@ class _Analyses:
         return self._prune[allocation_kind]
 
     def lowrank(self, progress: Progress | None) -> tuple[Plan, Analysis]:
-        model_plan = plan(self.model, self.options.exclude, self.calib.sample_shapes())
+        model_plan = plan(self.model, self.options, self.calib.sample_shapes())
         return model_plan, layer_sensitivity(self.model, model_plan, self.calib, self.measure_on, self.options, progress=progress)
 
 

@@ -74,14 +74,16 @@ def inspect(
 ) -> None:
     """Every Conv/Gemm: shape, kernel, stride, group, MACs, params, and what a pass can do with it."""
     from onnxopt.graph import import_graph, load_model, prepare
-    from onnxopt.layers import find_layers
-    from onnxopt.passes import lowrank
+    from onnxopt.layers import class_score_layers, find_layers
+    from onnxopt.pipeline import plan_candidates
     from onnxopt.report import inspect_table, layer_rows, print_json
 
     model = load_model(model_path)
     prepared, preparation = prepare(model)
-    layers = find_layers(import_graph(prepared))
-    rows = layer_rows(layers, {layer.name: lowrank.applicability(layer) for layer in layers})
+    graph = import_graph(prepared)
+    layers = find_layers(graph)
+    reasons = plan_candidates(layers, [], class_score_layers(graph, layers))[1]
+    rows = layer_rows(layers, {layer.name: reasons.get(layer.name) for layer in layers})
     channel_groups = []
     if groups:
         from onnxopt.passes.channel_groups import find_groups
@@ -118,6 +120,7 @@ def compress(
     holdout: int = typer.Option(100, "--holdout", help="Samples of --calib set aside (not calibrated on) to measure the output difference."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write a JSON report here."),
     exclude: Optional[list[str]] = typer.Option(None, "--exclude", help="Leave this layer alone (name or glob; repeatable)."),
+    factorize_classifier: bool = opt.FactorizeClassifier,
     seed: int = opt.Seed,
     stages: int = typer.Option(0, "--calib-stages", help="Re-run the compressed model this many times for asymmetric inputs (0: auto)."),
     rows: int = typer.Option(8192, "--rows-per-layer", help="Sampled response rows per layer."),
@@ -186,6 +189,7 @@ def compress(
     elif not method.startswith("filter-"):
         raise UserError(f"--method {method} is data-driven: give calibration data with --calib (an image folder or .npz)")
     options = CompressOptions(speedup=speedup or (1.5 if max_drop is not None else None), method=method, exclude=list(exclude or []), seed=seed,
+                              factorize_classifier=factorize_classifier,
                               rows_per_layer=rows, stages=stages, threads=threads, solver=solver,
                               asymmetric=not symmetric, allocation=allocation, cost=cost, round_to=round_to, selection=selection,
                               vbmf_weaken=vbmf_weaken, compression_stages=compression_stages, sensitivity_grid=sensitivity_grid,

@@ -205,3 +205,40 @@ def shape_text(layer: Layer) -> str:
     group = f" g{layer.group}" if layer.group > 1 else ""
     stride = f" s{layer.strides[0]}" if tuple(layer.strides) != (1, 1) else ""
     return f"{layer.in_channels}->{layer.out_channels} {kh}x{kw}{stride}{group}"
+
+
+# ops between a classifier's last Conv/Gemm and its (N, classes) output that keep one value per class
+_PER_CLASS_OPS = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "Softmax", "LogSoftmax", "Flatten", "Reshape", "Squeeze",
+                  "GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceMax", "Identity", "Dropout", "Add", "Mul"}
+
+
+def class_score_layers(graph: gs.Graph, layers: list[Layer]) -> set[str]:
+    """The layers that compute a classifier's class scores: a Conv/Gemm with C outputs from
+    which a graph output of shape ``(N, C)``, C > 1, is reached through per-class ops only
+    (activations, global pooling, flattening, a constant bias or scale, softmax)."""
+    by_node = {id(layer.node): layer for layer in layers}
+    names = set()
+    for output in graph.outputs:
+        shape = output.shape
+        if shape is None or len(shape) != 2 or not isinstance(shape[1], int) or shape[1] < 2:
+            continue
+        tensor = output
+        while tensor.inputs:
+            node = tensor.inputs[0]
+            layer = by_node.get(id(node))
+            if layer is not None:
+                if layer.out_channels == shape[1]:
+                    names.add(layer.name)
+                break
+            if node.op not in _PER_CLASS_OPS:
+                break
+            if node.op in ("Add", "Mul"):       # a constant bias or scale: follow the other operand
+                variables = [t for t in node.inputs if isinstance(t, gs.Variable)]
+                if len(variables) != 1 or len(node.inputs) != 2:
+                    break
+                tensor = variables[0]
+            elif isinstance(node.inputs[0], gs.Variable):
+                tensor = node.inputs[0]
+            else:
+                break
+    return names

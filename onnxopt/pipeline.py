@@ -36,7 +36,7 @@ from onnxopt.calib.readers import DataSource
 from onnxopt.calib.stats import RowSample, responses_at, sample_positions
 from onnxopt.errors import UserError
 from onnxopt.latency import LayerTimer
-from onnxopt.layers import Layer, find_layers, model_macs, shape_text
+from onnxopt.layers import Layer, class_score_layers, find_layers, model_macs, shape_text
 from onnxopt.passes import allocation, lowrank, vbmf
 from onnxopt.sensitivity import Analysis, analyze, measured_options
 from onnxopt.verify import Verification, VerificationError, verify
@@ -84,6 +84,7 @@ class CompressOptions:
     reconstruct: str = "ls"         # "ls" (each method's own layer-wise least squares) or "block" (then passes.block_fit)
     block_steps: int = 300          # --reconstruct block: Adam steps per fitted stretch
     block_span: int | str = "stage" # --reconstruct block: the blocks of a spatial size fitted as one, or so many
+    factorize_classifier: bool = False  # low-rank / tucker2: also factorise the layer computing the class scores
 
 
 @dataclass
@@ -338,21 +339,44 @@ def _relative_error(approx: np.ndarray, target: np.ndarray, relu: bool) -> float
     return float(np.linalg.norm(approx - target) / max(np.linalg.norm(target), 1e-12))
 
 
-def plan_candidates(layers: list[Layer], exclude: list[str]) -> tuple[list[Layer], dict[str, str]]:
-    """Layers the low-rank pass will consider, and why each other layer is left alone."""
+CLASSIFIER_KEPT = ("computes the class scores: factors fitted on the calibration images keep the score directions "
+                   "of the classes those show (--factorize-classifier if they cover every class)")
+
+
+def plan_candidates(layers: list[Layer], exclude: list[str], class_scores: set[str] = frozenset(),
+                    applicability: Callable[[Layer], str | None] = lowrank.applicability) -> tuple[list[Layer], dict[str, str]]:
+    """Layers a factorising pass will consider, and why each other layer is left alone.
+
+    ``class_scores``: the layers computing a classifier's scores (``layers.class_score_layers``),
+    left alone unless ``--factorize-classifier``. A data-driven factorisation of them keeps the
+    directions of the class scores the calibration images excite: on SqueezeNet 1.1 at 1.5x
+    (``auto``, the 250 calibration photos from 350 classes, evaluated on 350 others) the
+    classifier factorised to rank 184 of 1000 lost 6.00 points on the calibration classes'
+    photos and 9.71 on the others; kept whole, 7.71 and 5.71 (README).
+    """
     import fnmatch
 
     reasons: dict[str, str] = {}
     candidates = []
     for layer in layers:
-        reason = lowrank.applicability(layer)
+        reason = applicability(layer)
         if reason is None and any(fnmatch.fnmatchcase(layer.name, pattern) for pattern in exclude):
             reason = "excluded by --exclude"
+        if reason is None and layer.name in class_scores:
+            reason = CLASSIFIER_KEPT
         if reason:
             reasons[layer.name] = reason
         else:
             candidates.append(layer)
     return candidates, reasons
+
+
+def kept_class_scores(graph: gs.Graph, layers: list[Layer], options: CompressOptions) -> set[str]:
+    """The class-score layers ``plan_candidates`` leaves alone: none with ``--factorize-classifier``
+    or the data-free ``--solver svd`` (whose factors do not depend on the calibration images)."""
+    if options.factorize_classifier or options.solver == "svd":
+        return set()
+    return class_score_layers(graph, layers)
 
 
 @dataclass
@@ -367,13 +391,13 @@ class Plan:
     reasons: dict[str, str]       # why each other layer is left alone
 
 
-def plan(model: onnx.ModelProto, exclude: list[str], sample_shapes: dict | None = None) -> Plan:
+def plan(model: onnx.ModelProto, options: CompressOptions, sample_shapes: dict | None = None) -> Plan:
     """Step 1: prepare the graph (``graph.prepare``; ``sample_shapes``: the calibration data's
     input shapes, for dynamic spatial dims) and pick the candidate layers."""
     prepared, preparation = graphs.prepare(model, sample_shapes)
     graph = graphs.import_graph(prepared)
     layers = find_layers(graph)
-    candidates, reasons = plan_candidates(layers, exclude)
+    candidates, reasons = plan_candidates(layers, options.exclude, kept_class_scores(graph, layers, options))
     if not candidates:
         detail = "; ".join(f"{name}: {why}" for name, why in list(reasons.items())[:3]) or "the model has no Conv or Gemm layers"
         raise UserError(f"nothing to compress: no layer can be low-rank factorised ({detail})")
@@ -470,7 +494,7 @@ def _compress_with_method(model: onnx.ModelProto, calib: DataSource | None, hold
         raise UserError(f"unknown --allocation {options.allocation!r}; choose one of: {', '.join(ALLOCATIONS)}")
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    model_plan = plan(model, options.exclude, calib.sample_shapes())
+    model_plan = plan(model, options, calib.sample_shapes())
     prepared, graph, layers, candidates, reasons = (model_plan.prepared, model_plan.graph, model_plan.layers,
                                                     model_plan.candidates, model_plan.reasons)
     timings["prepare"] = time.perf_counter() - start

@@ -35,7 +35,6 @@ Gusak et al. 2019 (MUSCO), ALGORITHMS.md §5; decompositions in ``passes.tucker2
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import time
 
 import numpy as np
@@ -51,7 +50,7 @@ from onnxopt.errors import UserError
 from onnxopt.layers import Layer, find_layers, model_macs
 from onnxopt.passes import prune, tucker2
 from onnxopt.pipeline import (SHORTCUT, CompressionResult, CompressOptions, LayerResult, Progress, ResponseSampler,
-                              _relative_error, _stage_slices, shape_text)
+                              _relative_error, _stage_slices, kept_class_scores, plan_candidates, shape_text)
 from onnxopt.prune_pipeline import MIN_ROWS_PER_COLUMN
 from onnxopt.verify import verify
 
@@ -206,16 +205,7 @@ def compress_tucker2(model: onnx.ModelProto, calib: DataSource | None, holdout: 
     prepared, preparation = graphs.prepare(model, calib.sample_shapes())
     graph = graphs.import_graph(prepared)
     layers = find_layers(graph)
-    reasons: dict[str, str] = {}
-    candidates = []
-    for layer in layers:
-        reason = tucker2.applicability(layer)
-        if reason is None and any(fnmatch.fnmatchcase(layer.name, pattern) for pattern in options.exclude):
-            reason = "excluded by --exclude"
-        if reason:
-            reasons[layer.name] = reason
-        else:
-            candidates.append(layer)
+    candidates, reasons = plan_candidates(layers, options.exclude, kept_class_scores(graph, layers, options), tucker2.applicability)
     if not candidates:
         detail = "; ".join(f"{name}: {why}" for name, why in list(reasons.items())[:3]) or "the model has no Conv or Gemm layers"
         raise UserError(f"nothing to compress: no layer can be decomposed ({detail})")

@@ -42,6 +42,17 @@ def test_compress_small_model_end_to_end(tmp_path, small_model_file, small_calib
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
     x = np.random.default_rng(5).standard_normal((2, 3, 12, 12)).astype(np.float32)
     assert run(model, {"x": x})[0].shape == (2, 10)
+    layers = {layer["name"]: layer for layer in data["layers"]}
+    assert "computes the class scores" in layers["fc"]["skipped"] and layers["fc"]["rank"] is None
+
+
+def test_factorize_classifier(tmp_path, small_model_file, small_calib_file):
+    report = tmp_path / "report.json"
+    result = onnxopt("compress", small_model_file, "-o", tmp_path / "out.onnx", "--speedup", "1.5", "--calib", small_calib_file,
+                     "--calib-size", "64", "--factorize-classifier", "--report", report)
+    assert result.returncode == 0, result.stderr
+    fc = next(layer for layer in json.loads(report.read_text())["layers"] if layer["name"] == "fc")
+    assert "class scores" not in (fc["skipped"] or "")          # a candidate like any other layer
 
 
 def test_inspect_json(small_model_file):
@@ -50,6 +61,7 @@ def test_inspect_json(small_model_file):
     data = json.loads(result.stdout)
     names = [row["name"] for row in data["layers"]]
     assert names == ["stem", "block.conv1", "block.conv2", "down", "fc"]
+    assert "class scores" in data["layers"][-1]["lowrank_reason"] and not data["layers"][-1]["lowrank"]
     assert data["preparation"]["batchnorms_folded"] == 1
     assert data["total_macs"] == sum(row["macs"] for row in data["layers"])
 

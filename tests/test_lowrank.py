@@ -172,3 +172,53 @@ def test_vbmf_allocation_meets_the_budget(tmp_path):
     from onnxopt.errors import UserError
     with pytest.raises(UserError, match="--vbmf-weaken"):
         compress(small_cnn(), data, None, CompressOptions(speedup=1.3, allocation="vbmf", vbmf_weaken=1.5))
+
+
+def _conv_head(tail: list[str], spatial_output: bool = False):
+    """x [N, 4, 5, 5] -> 1x1 Conv to 6 channels -> ``tail`` ops (GAP and Flatten unless
+    ``spatial_output``) -> y; ``tail`` may hold Relu, BiasAdd (a constant Add), Softmax, Softplus."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((6, 4, 1, 1)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "bias")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["t0"], name="head")]
+    ops = list(tail) if spatial_output else [*tail[:1], "GlobalAveragePool", "Flatten", *tail[1:]]
+    for i, op in enumerate(ops):
+        inputs = [f"t{i}", "bias"] if op == "BiasAdd" else [f"t{i}"]
+        nodes.append(helper.make_node("Add" if op == "BiasAdd" else op, inputs, [f"t{i + 1}"], name=f"op{i}"))
+    nodes[-1].output[0] = "y"
+    shape = ["N", 6, 5, 5] if spatial_output else ["N", 6]
+    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 5, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("tail, spatial_output, found", [
+    (["Relu"], False, True),                        # SqueezeNet: conv -> relu -> pool -> flatten
+    (["Relu", "BiasAdd", "Softmax"], False, True),  # a constant bias and a softmax after the flatten
+    (["Relu", "Softplus"], False, False),           # an op not known to keep one value per class
+    (["Relu"], True, False),                        # (N, C, H, W): not a classifier's scores
+])
+def test_class_score_layers(tail, spatial_output, found):
+    from onnxopt.layers import class_score_layers
+
+    graph = import_graph(prepare(_conv_head(tail, spatial_output))[0])
+    assert class_score_layers(graph, find_layers(graph)) == ({"head"} if found else set())
+    small = import_graph(prepare(small_cnn())[0])
+    assert class_score_layers(small, find_layers(small)) == {"fc"}        # GAP -> Flatten -> Gemm
+
+
+def test_the_classifier_is_factorised_only_when_asked_or_data_free():
+    from onnxopt.pipeline import CompressOptions, plan
+
+    model = small_cnn()
+    kept = plan(model, CompressOptions(speedup=2.0))
+    assert "fc" not in [layer.name for layer in kept.candidates]
+    assert "class scores" in kept.reasons["fc"] and "--factorize-classifier" in kept.reasons["fc"]
+    for options in (CompressOptions(speedup=2.0, factorize_classifier=True), CompressOptions(speedup=2.0, solver="svd")):
+        chosen = plan(model, options)
+        assert "fc" in [layer.name for layer in chosen.candidates] and "fc" not in chosen.reasons
+    assert plan(model, CompressOptions(speedup=2.0, exclude=["fc"])).reasons["fc"] == "excluded by --exclude"
