@@ -21,6 +21,6 @@ Seed = typer.Option(0, "--seed", help="Seed for sampling images and positions.")
 Threads = typer.Option(0, "--threads", help="onnxruntime threads (0: all cores).")
 FactorizeClassifier = typer.Option(
     False, "--factorize-classifier",
-    help="Low-rank and tucker2: also factorise the layer that computes the class scores (left alone by default: "
+    help="Low-rank (and auto's), tucker2: also factorise the layer that computes the class scores (left alone by default: "
          "factors fitted on the calibration images keep the score directions of the classes those show; give this "
          "when they cover every class).")

@@ -3,8 +3,9 @@
 Gusak et al. 2019 (MUSCO), ALGORITHMS.md §5; decompositions in ``passes.tucker2``, ranks in
 ``passes.vbmf``.
 
-1. Prepare the graph, list its layers; every Conv/Gemm that is not grouped, depthwise or
-   excluded is a candidate (k x k Conv: Tucker-2, 1 x 1 Conv and Gemm: SVD).
+1. Prepare the graph, list its layers; every Conv/Gemm that is not grouped, depthwise,
+   excluded or a classifier's class-score layer (without ``--factorize-classifier``;
+   ``pipeline.plan_candidates``) is a candidate (k x k Conv: Tucker-2, 1 x 1 Conv and Gemm: SVD).
 2. Run the ORIGINAL model once over the calibration set and keep each candidate's responses
    (and its residual shortcut's) at sampled positions: the targets (``pipeline.ResponseSampler``).
 3. Each of ``--stages K`` stages:
