@@ -55,7 +55,7 @@ def _sensitivity(model, data, tmp_path, grid=3, held=None):
     from onnxopt.pipeline import CompressOptions, layer_sensitivity, plan
 
     options = CompressOptions(speedup=2.0, sensitivity_grid=grid, rows_per_layer=1024, cache_dir=tmp_path / "cache")
-    return layer_sensitivity(model, plan(model, []), data, held, options)
+    return layer_sensitivity(model, plan(model, options), data, held, options)
 
 
 def test_sensitivity_is_cached_and_the_cache_follows_model_data_and_settings(tmp_path):

@@ -381,7 +381,7 @@ def test_per_layer_choice_takes_whichever_family_damages_the_output_less(monkeyp
     options = CompressOptions(speedup=2, method="prune", allocation="sensitivity", rows_per_layer=2000, sensitivity_metric="error")
     pruning = analyze_prune(model, calib, holdout, options)
     assert pruning.metric == "error"                                   # the low-rank curves are priced in the same metric
-    candidates = plan(model, [], calib.sample_shapes()).candidates
+    candidates = plan(model, options, calib.sample_shapes()).candidates
     target = pruning.macs_before / 2
 
     free = per_layer_choice(pruning, candidates, _flat_curves(candidates, 1e-9), 4, 2.0)
@@ -398,7 +398,7 @@ def test_per_layer_choice_takes_whichever_family_damages_the_output_less(monkeyp
     mixed_curves.curves[0].error = [1e-9 for _ in mixed_curves.curves[0].error]
     mixed = per_layer_choice(pruning, candidates, mixed_curves, 4, 2.0)
     assert set(mixed.ranks) == {candidates[0].name}, mixed
-    monkeypatch.setattr(auto_pipeline._Analyses, "lowrank", lambda self, progress: (plan(model, [], calib.sample_shapes()), mixed_curves))
+    monkeypatch.setattr(auto_pipeline._Analyses, "lowrank", lambda self, progress: (plan(model, options, calib.sample_shapes()), mixed_curves))
     auto_options = CompressOptions(speedup=2, method="auto", rows_per_layer=2000, allocation="sensitivity", sensitivity_metric="error")
     result, facts = auto_pipeline._per_layer_candidate(auto_pipeline._Analyses(model, calib, holdout, auto_options), auto_options, None)
     _check_model(model, result, 2)
