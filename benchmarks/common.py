@@ -8,6 +8,7 @@ the odd classes: ``benchmarks/imagenet_split.py``).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -97,7 +98,9 @@ def latency_ratio(model: Path, baseline: Path, batch: int, runs: int = 20) -> di
     return json.loads(result.stdout)
 
 
+@functools.cache
 def machine() -> dict:
+    """The CPU, cores and package versions of this run (read once: every row and summary asks)."""
     info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version()}
     try:
         info["cpu"] = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
