@@ -22,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 SPLIT = ROOT / "out" / "imagenet-split"
+IMAGENET_CALIB = 280     # the calibration half's 350 photos less the 70 `--holdout` sets apart (at most a fifth)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, evaluate, latency_ratio, machine, markdown, models, onnxopt, prepare_data, run_measured  # noqa: E402
+from common import IMAGENET_CALIB, ROOT, evaluate, latency_ratio, machine, markdown, models, onnxopt, prepare_data, run_measured  # noqa: E402
 
 METHODS = {
     "auto": ["--method", "auto", "--allocation", "sensitivity"],
@@ -48,7 +48,6 @@ BASELINES = {"svd", "uniform", "filter-l1", "filter-std"}
 DATA_FREE = {"filter-l1", "filter-std"}           # run without --calib: plain removal
 BUDGETS = {"cifar10_resnet20": (1.5, 2.0, 3.0), "cifar10_resnet56": (1.5, 2.0, 3.0), "vgg16_cifar10": (2.0, 3.0, 4.0),
            "mobilenet_v2": (1.2, 1.4), "squeezenet1.1": (1.3, 1.6)}
-IMAGENET_CALIB = 280     # the calibration half's 350 photos less the 70 `--holdout` sets apart (at most a fifth)
 README_BEGIN, README_END = "<!-- harness:begin -->", "<!-- harness:end -->"
 COLUMNS = [("model", "model", "s"), ("budget", "budget", "g"), ("method", "method", "s"), ("MACs ratio", "mac_ratio", ".2f"),
            ("params ratio", "params_ratio", ".2f"), ("top-1 %", "top1", ".2f"), ("drop (pts)", "top1_drop", ".2f"),

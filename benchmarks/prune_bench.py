@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, evaluate, latency_ratio, machine, markdown, models, onnxopt, prepare_data, run_measured  # noqa: E402
+from common import IMAGENET_CALIB, ROOT, evaluate, latency_ratio, machine, markdown, models, onnxopt, prepare_data, run_measured  # noqa: E402
 
 VARIANTS = {
     "prune": ["--method", "prune"],
@@ -73,9 +73,9 @@ MODELS = {
     # ResNet-56 at 2x is out of reach with multiples of 16 (its first stage has 16 channels)
     "cifar10_resnet56": (2.0, ["prune", "prune+greedy", "prune+energy", "auto", *FILTERS, "prune+round1", "prune+round8",
                                "prune+block", "auto+block"], 4000, 32768, None),
-    "mobilenet_v2": (1.3, ["prune", "prune+greedy", "prune+energy", *FILTERS, *ROUNDINGS, "prune+block"], 280, 8192, None),
+    "mobilenet_v2": (1.3, ["prune", "prune+greedy", "prune+energy", *FILTERS, *ROUNDINGS, "prune+block"], IMAGENET_CALIB, 8192, None),
     "squeezenet1.1": (1.5, ["prune", "prune+greedy", "prune+energy", "auto", *FILTERS, "prune+block", "auto+block"],
-                      280, 8192, None),
+                      IMAGENET_CALIB, 8192, None),
 }
 QUICK = {"cifar10_resnet20": (1.3, ["prune", "prune+block", "filter-l1+ls", "filter-l1"], 100, 8192, 200)}
 
