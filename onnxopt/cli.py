@@ -15,6 +15,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from onnxopt import __version__
@@ -141,7 +142,7 @@ def compress(
     search_steps: int = typer.Option(7, "--search-steps", help="--max-drop: compressions tried at most."),
     vbmf_weaken: float = typer.Option(0.8, "--vbmf-weaken", help="tucker2 and --allocation vbmf: weakening factor w in (0,1] of the EVBMF ranks, rank = full - w (full - EVBMF) (1: EVBMF ranks as they are)."),
     sensitivity_grid: int = typer.Option(8, "--sensitivity-grid", help="--allocation sensitivity: ranks or keep counts measured per layer (the rest interpolated)."),
-    reconstruct: str = typer.Option("ls", "--reconstruct", help="ls (each method's layer-wise least squares), or block: then fit the blocks of the compressed model (--reconstruct-span), through their nonlinearities, to the original's block outputs on the calibration images (needs PyTorch: pip install 'onnxopt[reconstruct]')."),
+    reconstruct: str = typer.Option("ls", "--reconstruct", help="ls (each method's layer-wise least squares), or block: then fit the blocks of the compressed model (--reconstruct-span), through their nonlinearities, to the original's block outputs on the calibration images (needs PyTorch: pip install 'onnxopt\\[reconstruct]')."),
     block_steps: int = typer.Option(300, "--reconstruct-steps", help="--reconstruct block: Adam steps per fitted stretch (--reconstruct-span)."),
     block_span: str = typer.Option("stage", "--reconstruct-span", help="--reconstruct block: which consecutive blocks (residual blocks, Fire modules, a chain's layers) are fitted as one: stage (every block of one spatial size; measured best on ResNet-56, MobileNetV2 and SqueezeNet), or a number of blocks (1: each alone; more than the model has: the whole network at once)."),
     compression_stages: int = typer.Option(1, "--stages", help="tucker2: MUSCO stages (decompose, refit, repeat on the result); with --speedup, stop once it is met. Not --calib-stages."),
@@ -378,7 +379,7 @@ def main() -> None:
     try:
         app()  # standalone: typer prints its own usage errors (exit 2)
     except UserError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         console.print("interrupted; nothing written", highlight=False)
@@ -391,6 +392,6 @@ def main() -> None:
         if _state["debug"]:
             raise
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {message} (rerun with --debug for the traceback)",
+        console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(message)} (rerun with --debug for the traceback)",
                       highlight=False, soft_wrap=True)
         sys.exit(1)

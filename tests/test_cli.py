@@ -206,3 +206,10 @@ def test_target_sets_the_channel_multiple(tmp_path, small_model_file, small_cali
         if multiple == 8:
             assert sum(widths) < 16 + 16 + 16 + 32                     # something was pruned, in steps of 8
     assert_user_error(onnxopt(*common, "--target", "tpu"), "unknown target 'tpu'", "x86")
+
+
+def test_error_text_is_printed_verbatim(tmp_path):
+    """Square brackets in an error (a path, ``pip install 'onnxopt[reconstruct]'``) are not
+    taken for rich markup and dropped."""
+    missing = tmp_path / "model[v2].onnx"
+    assert_user_error(onnxopt("compress", missing, "-o", tmp_path / "out.onnx", "--speedup", "2"), "model[v2].onnx", "no such file")
