@@ -107,7 +107,7 @@ def inspect(
 def compress(
     model_path: Path = typer.Argument(..., metavar="IN.onnx", help="Trained model (never modified)."),
     output: Path = typer.Option(..., "-o", "--output", help="Where to write the compressed model."),
-    method: Optional[str] = typer.Option(None, "--method", help="lowrank (Zhang et al.; the default), prune (He et al. LASSO + least squares), filter-std or filter-l1 (data-free ranking; refit with --calib), tucker2 (MUSCO: Tucker-2/SVD with weakened EVBMF ranks, least-squares refit instead of fine-tuning), or auto (prune then low-rank, the split measured; the default with --max-drop)."),
+    method: Optional[str] = typer.Option(None, "--method", help="lowrank (Zhang et al.; the default), prune (He et al. LASSO + least squares), filter-std or filter-l1 (data-free ranking; refit with --calib), tucker2 (MUSCO: Tucker-2/SVD with weakened EVBMF ranks, least-squares refit instead of fine-tuning), spatial (every k x k conv as k x 1 then 1 x k, Jaderberg et al., fitted to the calibration data), or auto (prune then low-rank, the split measured; the default with --max-drop)."),
     speedup: Optional[float] = typer.Option(None, "--speedup", help="Target: whole-model MACs become at most original/SPEEDUP (with --max-drop: where the search starts; optional with --method tucker2: ranks then come from EVBMF alone)."),
     calib: Optional[list[str]] = typer.Option(None, "--calib", help="Calibration data: image folder, .npy/.npz, or name:file.npy (repeatable)."),
     preset: Optional[str] = opt.Preset,

@@ -47,7 +47,7 @@ SOLVERS = ("auto", "linear", "svd")
 ALLOCATIONS = ("energy", "uniform", "sensitivity", "vbmf")
 PRUNE_METHODS = ("prune", "filter-std", "filter-l1")
 SELECTIONS = ("lasso", "greedy")       # channel pruning (prune, auto): He et al.'s LASSO path, or backward elimination
-METHODS = ("lowrank", *PRUNE_METHODS, "tucker2", "auto")
+METHODS = ("lowrank", *PRUNE_METHODS, "tucker2", "spatial", "auto")
 COSTS = ("macs", "latency")
 RECONSTRUCTIONS = ("ls", "block")     # each method's layer-wise least squares; then block_pipeline
 
@@ -480,6 +480,10 @@ def _compress_with_method(model: onnx.ModelProto, calib: DataSource | None, hold
         from onnxopt.prune_pipeline import compress_prune
 
         return compress_prune(model, calib, holdout, options, progress)
+    if options.method == "spatial":
+        from onnxopt.spatial_pipeline import compress_spatial
+
+        return compress_spatial(model, calib, holdout, options, progress)
     if options.method == "auto":
         from onnxopt.auto_pipeline import compress_auto
 
