@@ -6,7 +6,8 @@ so wall time and peak RSS are its own) with onnxopt's methods and with plain bas
   onnxopt    auto (prune then low-rank, the split measured, both with sensitivity
              allocation: onnxopt's best), lowrank (Zhang et al., energy
              allocation), lowrank-sens (measured sensitivity allocation, Niu et al.), prune
-             (He et al.), tucker2 (MUSCO, EVBMF ranks, least-squares refit)
+             (He et al.), tucker2 (MUSCO, EVBMF ranks, least-squares refit), spatial (k x 1
+             then 1 x k, Jaderberg et al., fitted to the calibration data)
   baselines  svd (data-free truncated SVD of the weights, Jaderberg/Denton), uniform (Zhang's
              solver, the same rank ratio in every layer), filter-l1 and filter-std (Li et al.
              filter ranking, data-free removal, no reconstruction)
@@ -39,6 +40,7 @@ METHODS = {
     "lowrank-sens": ["--allocation", "sensitivity"],
     "prune": ["--method", "prune"],
     "tucker2": ["--method", "tucker2"],
+    "spatial": ["--method", "spatial"],
     "svd": ["--solver", "svd"],
     "uniform": ["--allocation", "uniform"],
     "filter-l1": ["--method", "filter-l1"],

@@ -38,8 +38,10 @@ from the centred statistics alone. E is quadratic in H for fixed V and in V for 
   conjugate gradients from the current ``V`` (never forming the (r c kh)^2 matrix; each
   product costs ``n D^2``).
 
-The steps alternate until E falls by less than ``ALS_TOLERANCE``; each step cannot raise E,
-and the start's ``E`` is the one to beat. ``solver="svd"`` is the data-free baseline (plain
+The steps alternate until E falls by less than ``ALS_TOLERANCE`` (at most ``ALS_ITERATIONS``
+times, fewer where a layer's products would cost more than ``ALS_FLOPS``: then the start and
+its H step alone); each step cannot raise E, and the start's ``E`` is the one to beat.
+Measured on ResNet-20 at 1.5x (README): the alternation takes the top-1 drop from 0.89 to 0.78. ``solver="svd"`` is the data-free baseline (plain
 SVD of ``M``, the original bias kept).
 """
 
@@ -58,6 +60,7 @@ from onnxopt.passes import prune
 ALS_ITERATIONS = 6
 ALS_TOLERANCE = 1e-3          # relative fall of E below which the alternation stops
 CG_ITERATIONS = 60
+ALS_FLOPS = 2e11              # per layer: fewer alternations where n D^2 per CG product would exceed it (VGG-16's 512-channel layers: none)
 RIDGE = 1e-6                  # of the mean eigenvalue: numerical only (as passes.prune)
 
 
@@ -240,7 +243,8 @@ def solve(weight: np.ndarray, stats: prune.LinearStats, rank: int) -> SpatialFac
     vertical /= np.maximum(np.linalg.norm(vertical.reshape(rank, -1), axis=1), 1e-300)[:, None, None]
     horizontal, bias = _h_step(stats, vertical, kw)
     error = _error(stats, vertical, horizontal)
-    for _ in range(ALS_ITERATIONS):
+    rounds = min(ALS_ITERATIONS, int(ALS_FLOPS // (CG_ITERATIONS * shape[0] * stats.sxx.shape[0] ** 2)))
+    for _ in range(rounds):
         candidate_v, _ = _balanced(_v_step(stats, vertical, horizontal), horizontal)
         candidate_h, candidate_b = _h_step(stats, candidate_v, kw)
         candidate_error = _error(stats, candidate_v, candidate_h)
@@ -250,7 +254,7 @@ def solve(weight: np.ndarray, stats: prune.LinearStats, rank: int) -> SpatialFac
         vertical, horizontal, bias, error = candidate_v, candidate_h, candidate_b, candidate_error
         if improved < ALS_TOLERANCE:
             break
-    return SpatialFactors(vertical, horizontal, bias, "als")
+    return SpatialFactors(vertical, horizontal, bias, "als" if rounds else "whitened svd + ls")
 
 
 # ---------------------------------------------------------------------------- rewrite
