@@ -326,7 +326,7 @@ def test_consumer_with_too_few_rows_keeps_sliced_weights():
 
 def test_auto_meets_the_budget_and_keeps_the_best_measured_split():
     """--method auto: every prune/low-rank split and the per-layer choice are tried; the kept one has the smallest error."""
-    from onnxopt.auto_pipeline import SHARES
+    from onnxopt.auto_pipeline import FACTORISERS, SHARES
     from onnxopt.pipeline import compress
     from onnxopt.verify import compare_outputs
 
@@ -335,7 +335,10 @@ def test_auto_meets_the_budget_and_keeps_the_best_measured_split():
     result = compress(model, _data(80), holdout, CompressOptions(speedup=1.5, method="auto", rows_per_layer=2000))
     _check_model(model, result, 1.5)
     candidates = result.auto["candidates"]
-    assert [c["prune_share"] for c in candidates] == [*SHARES, None]
+    splits = [(share, None if share == 1.0 else factoriser) for share in SHARES for factoriser in FACTORISERS
+              if share < 1.0 or factoriser == FACTORISERS[0]]
+    assert [(c["prune_share"], c.get("factoriser")) for c in candidates] == [*splits, (None, None)]
+    assert any(c.get("factoriser") == "spatial" and "relative_l2" in c for c in candidates)     # spatial splits measured too
     per_layer = candidates[-1]
     assert per_layer["per_layer"] and "skipped" not in per_layer, per_layer      # groups and layers chosen by one knapsack
     measured = [c for c in candidates if "relative_l2" in c]
