@@ -197,9 +197,10 @@ class ResponseSampler:
         return {name: sample.array() for name, sample in samples.items()}
 
 
-def rank_grid(layer: Layer, multiple: int) -> list[int]:
-    """The ranks a layer may be factorised to: multiples of ``multiple`` that save MACs."""
-    top = lowrank.max_saving_rank(layer)
+def rank_grid(layer: Layer, multiple: int, max_saving_rank: Callable[[Layer], int] = lowrank.max_saving_rank) -> list[int]:
+    """The ranks a layer may be factorised to: multiples of ``multiple`` that save MACs (the
+    largest such rank from ``max_saving_rank``: a pass's own cost model)."""
+    top = max_saving_rank(layer)
     ranks = list(range(multiple, top + 1, multiple))
     if 1 <= top < multiple:
         ranks.append(top)

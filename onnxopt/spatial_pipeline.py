@@ -34,18 +34,12 @@ from onnxopt.errors import UserError
 from onnxopt.layers import find_layers, model_macs
 from onnxopt.passes import allocation, prune, spatial
 from onnxopt.pipeline import (CompressionResult, CompressOptions, LayerResult, Progress, _proportional_choice,
-                              batch_size_for, kept_class_scores, plan_candidates, shape_text)
+                              batch_size_for, kept_class_scores, plan_candidates, rank_grid, shape_text)
 from onnxopt.prune_pipeline import ConsumerSampler, _as_linear
 from onnxopt.verify import verify
 
 ALLOCATIONS = ("energy", "uniform")
 SOLVERS = ("auto", "linear", "svd")       # auto and linear: the fitted (ALS) factors; svd: data-free
-
-
-def _rank_grid(layer, multiple: int) -> list[int]:
-    top = spatial.max_saving_rank(layer)
-    ranks = list(range(multiple, top + 1, multiple))
-    return ranks if ranks or top < 1 else [top]
 
 
 def _check(calib: DataSource | None, options: CompressOptions) -> None:
@@ -91,7 +85,7 @@ def compress_spatial(model: onnx.ModelProto, calib: DataSource | None, holdout: 
 
     layer_options = [[allocation.Option(layer.macs, 0.0, None)]
                      + [allocation.Option(spatial.decomposed_macs(layer, rank), allocation.energy_damage(spectra[layer.name], rank), rank)
-                        for rank in _rank_grid(layer, options.rank_multiple)]
+                        for rank in rank_grid(layer, options.rank_multiple, spatial.max_saving_rank)]
                      for layer in candidates]
     fixed = macs_before - sum(layer.macs for layer in candidates)
     budget = macs_before / options.speedup - fixed
