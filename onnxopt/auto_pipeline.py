@@ -57,8 +57,8 @@ from onnxopt.passes import allocation, lowrank
 from onnxopt.pipeline import (CompressionResult, CompressOptions, LayerResult, Plan, Progress, compress, layer_sensitivity,
                               plan, rank_grid)
 from onnxopt.prune_pipeline import PruneAnalysis, analyze_prune, compress_prune, kept_fractions, macs_kept
-from onnxopt.spatial_pipeline import ALLOCATIONS as SPATIAL_ALLOCATIONS
 from onnxopt.sensitivity import Analysis, measured_options
+from onnxopt.spatial_pipeline import ALLOCATIONS as SPATIAL_ALLOCATIONS
 from onnxopt.verify import compare_outputs
 
 SHARES = (0.0, 1 / 3, 1 / 2, 2 / 3, 1.0)     # exponent f of the prune speed-up s^f

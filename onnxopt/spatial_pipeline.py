@@ -113,7 +113,7 @@ def compress_spatial(model: onnx.ModelProto, calib: DataSource | None, holdout: 
         bias = layer.bias_vector().astype(np.float64)
         rank = ranks[layer.name]
         factors = (spatial.solve_svd(weight, bias, rank) if options.solver == "svd"
-                   else spatial.solve(weight, data, rank))
+                   else spatial.solve(weight.shape, data, rank))
         columns = np.arange(weight[0].size)
         results[layer.name] = LayerResult(
             layer.name, layer.op, shape_text(layer), layer.macs, spatial.decomposed_macs(layer, rank), layer.params,

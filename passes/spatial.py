@@ -41,8 +41,8 @@ from the centred statistics alone. E is quadratic in H for fixed V and in V for 
 The steps alternate until E falls by less than ``ALS_TOLERANCE`` (at most ``ALS_ITERATIONS``
 times, fewer where a layer's products would cost more than ``ALS_FLOPS``: then the start and
 its H step alone); each step cannot raise E, and the start's ``E`` is the one to beat.
-Measured on ResNet-20 at 1.5x (README): the alternation takes the top-1 drop from 0.89 to 0.78. ``solver="svd"`` is the data-free baseline (plain
-SVD of ``M``, the original bias kept).
+Measured on ResNet-20 at 1.5x (README): the alternation takes the top-1 drop from 0.89 to
+0.78. ``solve_svd`` is the data-free baseline (plain SVD of ``M``, the original bias kept).
 """
 
 from __future__ import annotations
@@ -216,11 +216,10 @@ def _v_step(stats: prune.LinearStats, vertical: np.ndarray, horizontal: np.ndarr
     return solution.reshape(shape)
 
 
-def _balanced(vertical: np.ndarray, horizontal: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The same product with every vertical filter of unit norm (the scale moved into H)."""
+def _unit_filters(vertical: np.ndarray) -> np.ndarray:
+    """Every vertical filter scaled to unit norm (the H step that follows absorbs the scale)."""
     norms = np.linalg.norm(vertical.reshape(len(vertical), -1), axis=1)
-    norms = np.where(norms > 0, norms, 1.0)
-    return vertical / norms[:, None, None], horizontal * norms[None, :, None]
+    return vertical / np.where(norms > 0, norms, 1.0)[:, None, None]
 
 
 def _error(stats: prune.LinearStats, vertical: np.ndarray, horizontal: np.ndarray) -> float:
@@ -228,24 +227,21 @@ def _error(stats: prune.LinearStats, vertical: np.ndarray, horizontal: np.ndarra
     return prune.residual(stats, flat, np.arange(flat.shape[1]))
 
 
-def solve(weight: np.ndarray, stats: prune.LinearStats, rank: int) -> SpatialFactors:
-    """Fit V, H and the bias to ``stats`` (input patches of the current model against the
-    original responses), ``weight`` (n, c, kh, kw) the original weights (module docstring)."""
-    weight = np.asarray(weight, np.float64)
-    shape = weight.shape
+def solve(shape: tuple[int, int, int, int], stats: prune.LinearStats, rank: int) -> SpatialFactors:
+    """Fit V, H and the bias of a (n, c, kh, kw) conv to ``stats`` (input patches of the
+    current model against the original responses; module docstring)."""
     kw = shape[3]
     scale = _mean_eigenvalue(stats.sxx)
     best_weight = scipy.linalg.solve(stats.sxx + RIDGE * scale * np.eye(len(stats.sxx)), stats.sxy, assume_a="pos").T
     lower = _whitening(stats.sxx, shape)
     left, sing, right = np.linalg.svd(lower.T @ rearranged(best_weight.reshape(shape)), full_matrices=False)
     basis = scipy.linalg.solve_triangular(lower.T, left[:, :rank], lower=False)    # L^-T U_r
-    vertical, _ = _from_rearranged(basis, sing[:rank, None] * right[:rank], shape)
-    vertical /= np.maximum(np.linalg.norm(vertical.reshape(rank, -1), axis=1), 1e-300)[:, None, None]
+    vertical = _unit_filters(_from_rearranged(basis, sing[:rank, None] * right[:rank], shape)[0])
     horizontal, bias = _h_step(stats, vertical, kw)
     error = _error(stats, vertical, horizontal)
     rounds = min(ALS_ITERATIONS, int(ALS_FLOPS // (CG_ITERATIONS * shape[0] * stats.sxx.shape[0] ** 2)))
     for _ in range(rounds):
-        candidate_v, _ = _balanced(_v_step(stats, vertical, horizontal), horizontal)
+        candidate_v = _unit_filters(_v_step(stats, vertical, horizontal))
         candidate_h, candidate_b = _h_step(stats, candidate_v, kw)
         candidate_error = _error(stats, candidate_v, candidate_h)
         if candidate_error >= error:

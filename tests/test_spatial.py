@@ -69,7 +69,7 @@ def test_fit_recovers_a_separable_weight_exactly():
     rng = np.random.default_rng(1)
     weight = spatial.compose(rng.standard_normal((5, 6, 3)), rng.standard_normal((8, 5, 3)))   # rank 5 of 18
     stats, x, y = _statistics(weight, rng, noise=0.0)
-    factors = spatial.solve(weight, stats, 5)
+    factors = spatial.solve(weight.shape, stats, 5)
     pred = x @ factors.weight().reshape(8, -1).T + factors.bias
     assert np.linalg.norm(pred - y) / np.linalg.norm(y) < 1e-5          # the ridge (1e-6 of the mean eigenvalue) only
 
@@ -84,9 +84,9 @@ def test_fit_beats_its_start_and_the_data_free_svd(monkeypatch):
         pred += (y - pred).mean(0) if factors.solver == "svd" else factors.bias       # svd: the best bias, to be fair
         return np.linalg.norm(pred - y) / np.linalg.norm(y)
 
-    fitted = error(spatial.solve(weight, stats, 8))
+    fitted = error(spatial.solve(weight.shape, stats, 8))
     monkeypatch.setattr(spatial, "ALS_ITERATIONS", 0)
-    start = spatial.solve(weight, stats, 8)
+    start = spatial.solve(weight.shape, stats, 8)
     # the start's H is exact least squares on the first conv's outputs (an intercept too)
     z = x @ spatial._features(start.vertical, 3).T
     design = np.hstack([z, np.ones((len(z), 1))])
