@@ -189,7 +189,7 @@ class ConsumerSampler:
 
     def collect(self, model: onnx.ModelProto, runner: CutRunner, consumers: list[gs.Node],
                 targets: dict[str, list[np.ndarray]] | None, progress: Progress | None = None,
-                label: str = "", record_only: set[str] = frozenset()) -> tuple[dict[str, SufficientStats], dict[str, list[np.ndarray]],
+                label: str = "", record_only: set[str] = frozenset(), folds_of: int = FOLDS) -> tuple[dict[str, SufficientStats], dict[str, list[np.ndarray]],
                                           dict[str, list[SufficientStats]]]:
         """Statistics of each consumer's (input rows, target rows).
 
@@ -197,7 +197,7 @@ class ConsumerSampler:
         returned (with the shortcut rows under ``name + SHORTCUT``; consumers named in
         ``record_only`` get no statistics, only their targets). Otherwise the targets are
         the stored original rows, corrected by ``Y_short_orig - Y_short_cur`` for residual
-        consumers, and the statistics of ``FOLDS`` folds of the images are also returned, for
+        consumers, and the statistics of ``folds_of`` folds of the images are also returned, for
         the cross-validated shrinkage of the refit.
         """
         names = []
@@ -245,10 +245,10 @@ class ConsumerSampler:
                     stats[name].update(rows, y)
                     continue
                 if name not in folds:
-                    folds[name] = [SufficientStats(rows.shape[1], y.shape[1]) for _ in range(FOLDS)]
+                    folds[name] = [SufficientStats(rows.shape[1], y.shape[1]) for _ in range(folds_of)]
                 image = done + (positions.image if positions is not None else np.arange(len(rows)))
                 for fold, part in enumerate(folds[name]):
-                    chosen = image % FOLDS == fold
+                    chosen = image % folds_of == fold
                     part.update(rows[chosen], y[chosen])
             done += len(next(iter(values.values())))
             if progress:

@@ -107,7 +107,8 @@ def compress_spatial(model: onnx.ModelProto, calib: DataSource | None, holdout: 
     for number, layer in enumerate(chosen, 1):
         current = graphs.export(graph, prepared)
         runner.advance(current, cut_before(graph, layer.node))
-        fitted, _, _ = sampler.collect(current, runner, [layer.node], targets, progress, f"layer {number}/{len(chosen)}")
+        fitted, _, _ = sampler.collect(current, runner, [layer.node], targets, progress, f"layer {number}/{len(chosen)}",
+                                       folds_of=1)          # no cross-validation here: one fold is the whole
         data = _as_linear(fitted[layer.name])
         weight = np.asarray(layer.node.inputs[1].values, np.float64)
         bias = layer.bias_vector().astype(np.float64)
