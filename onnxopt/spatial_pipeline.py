@@ -118,7 +118,7 @@ def compress_spatial(model: onnx.ModelProto, calib: DataSource | None, holdout: 
         columns = np.arange(weight[0].size)
         results[layer.name] = LayerResult(
             layer.name, layer.op, shape_text(layer), layer.macs, spatial.decomposed_macs(layer, rank), layer.params,
-            rank * (layer.in_channels * layer.kernel[0] + layer.out_channels * layer.kernel[1]) + layer.out_channels,
+            spatial.decomposed_params(layer, rank),
             rank=rank, full_rank=spatial.full_rank(layer),
             solver=f"spatial {layer.kernel[0]}x1 + 1x{layer.kernel[1]} ({'data-free svd' if factors.solver == 'svd' else 'asymmetric ' + factors.solver})",
             error_before=prune.relative_error(data, weight.reshape(len(weight), -1), columns, bias),

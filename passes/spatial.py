@@ -124,6 +124,12 @@ def decomposed_macs(layer: Layer, rank: int) -> int:
     return ho * input_width(layer) * rank * layer.in_channels * kh + ho * wo * layer.out_channels * rank * kw
 
 
+def decomposed_params(layer: Layer, rank: int) -> int:
+    """Weights and bias of the two convs replacing ``layer`` at ``rank``."""
+    kh, kw = layer.kernel
+    return rank * (layer.in_channels * kh + layer.out_channels * kw) + layer.out_channels
+
+
 def max_saving_rank(layer: Layer) -> int:
     """The largest rank (up to the full one) that costs fewer MACs than ``layer``."""
     per_rank = decomposed_macs(layer, 1)
