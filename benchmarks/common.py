@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from onnxopt.tvm_backend import host_vector_unit
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 SPLIT = ROOT / "out" / "imagenet-split"
@@ -101,13 +103,14 @@ def latency_ratio(model: Path, baseline: Path, batch: int, runs: int = 20) -> di
 
 @functools.cache
 def machine() -> dict:
-    """The CPU, cores and package versions of this run (read once: every row and summary asks)."""
+    """The CPU, its vector unit, cores and package versions of this run (read once: every row and summary asks)."""
     info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version()}
     try:
         info["cpu"] = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                            if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    info["vector_unit"] = host_vector_unit()     # what channel counts in multiples of 8 or 16 meet
     from importlib.metadata import version
 
     info["versions"] = {name: version(name) for name in ("onnxopt", "onnx", "onnxruntime", "numpy", "scipy")}

@@ -82,10 +82,14 @@ QUICK = {"cifar10_resnet20": (1.3, ["prune", "prune+block", "filter-l1+ls", "fil
 
 def save(path: Path, kept: list[dict], rows: list[dict], quick: bool) -> None:
     """The JSON after every row. A partial run (--models/--variants) keeps the rows of other
-    (model, variant) pairs already in the file, so the benchmark can be run in parts."""
-    done = {(r["model"], r["variant"]) for r in rows}
+    (model, variant) pairs already in the file, and those of another vector unit (``--round-to``'s
+    latencies depend on it), so the benchmark can be run in parts and on several machines."""
+    def key(row: dict) -> tuple:
+        return row["model"], row["variant"], row.get("vector_unit")
+
+    done = {key(r) for r in rows}
     summary = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "quick": quick,
-               "rows": [r for r in kept if (r["model"], r["variant"]) not in done] + rows}
+               "rows": [r for r in kept if key(r) not in done] + rows}
     path.write_text(json.dumps(summary, indent=2) + "\n")
 
 
@@ -134,7 +138,7 @@ def main() -> None:
             mac_ratio = data["macs_before"] / data["macs_after"]
             row = {
                 "model": model_name, "speedup_target": speedup, "variant": variant, "date": time.strftime("%Y-%m-%d"),
-                "cpu": machine()["cpu"],
+                "cpu": machine()["cpu"], "vector_unit": machine()["vector_unit"],
                 "mac_ratio": mac_ratio,
                 "params_ratio": data["params_before"] / data["params_after"],
                 "top1": accuracy["top1"], "top1_original": accuracy["baseline"]["top1"],     # the same images, the same run
@@ -154,7 +158,7 @@ def main() -> None:
                   f"latency b32 {row['latency_speedup_b32']:.2f}x b1 {row['latency_speedup_b1']:.2f}x  {wall:.0f} s", flush=True)
     print()
     print(markdown(json.loads(path.read_text())["rows"] if path.exists() else [],
-                   [("model", "model", "s"), ("target", "speedup_target", "g"), ("variant", "variant", "s"),
+                   [("model", "model", "s"), ("target", "speedup_target", "g"), ("variant", "variant", "s"), ("SIMD", "vector_unit", "s"),
                     ("MACs ratio", "mac_ratio", ".2f"), ("top-1", "top1", ".4f"), ("orig.", "top1_original", ".4f"),
                     ("drop (pts)", "top1_drop_points", ".2f"), ("± s.e.", "drop_se_points", ".2f"), ("ORT speed-up b1", "latency_speedup_b1", ".2f"),
                     ("b32", "latency_speedup_b32", ".2f"), ("time (s)", "compress_wall_s", ".0f"),

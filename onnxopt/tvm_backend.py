@@ -193,10 +193,17 @@ def channel_multiple(name: str) -> int:
     if key not in _PRESETS:
         raise UserError(f"unknown target {name!r}; known targets: {', '.join(_PRESETS)}")
     if key == "x86":
-        return 16 if "avx512f" in _host_cpu_flags() else 8
+        return 16 if host_vector_unit() == "avx512f" else 8
     if key == "cuda" or key.startswith("jetson-"):
         return 8
     return 4
+
+
+def host_vector_unit() -> str:
+    """The widest float32 vector unit of this x86 CPU that ``channel_multiple`` knows: ``avx512f``,
+    ``avx2`` or ``""`` (another CPU, or none known); benchmarks record it beside their latencies."""
+    flags = _host_cpu_flags()
+    return next((unit for unit in ("avx512f", "avx2") if unit in flags), "")
 
 
 def _host_cpu_flags() -> set[str]:

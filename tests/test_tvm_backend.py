@@ -315,11 +315,13 @@ def test_cli_main_prints_one_line_and_exits_2(tiny_path, tmp_path):
     assert len(lines) == 1 and "unknown target 'vax'" in lines[0]
 
 
-@pytest.mark.parametrize("flags, x86", [({"sse4_2", "avx2", "fma"}, 8), ({"avx2", "avx512f", "avx512bw"}, 16), (set(), 8)])
-def test_channel_multiple_follows_the_vector_lanes(monkeypatch, flags, x86):
+@pytest.mark.parametrize("flags, x86, unit", [({"sse4_2", "avx2", "fma"}, 8, "avx2"), ({"avx2", "avx512f", "avx512bw"}, 16, "avx512f"),
+                                              (set(), 8, "")])
+def test_channel_multiple_follows_the_vector_lanes(monkeypatch, flags, x86, unit):
     """x86 (this machine): onnxruntime's NCHWc block, 8 floats with AVX2, 16 with AVX-512F;
     ARM NEON 4; CUDA 8 whatever the host."""
     monkeypatch.setattr(tvm_backend, "_host_cpu_flags", lambda: flags)
+    assert tvm_backend.host_vector_unit() == unit
     assert tvm_backend.channel_multiple("x86") == x86
     assert [tvm_backend.channel_multiple(name) for name in ("aarch64", "armv7", "rpi4", "cuda", "jetson-orin")] == [4, 4, 4, 8, 8]
     with pytest.raises(UserError, match="unknown target"):
