@@ -73,6 +73,7 @@ class CompressOptions:
     allocation: str = "energy"      # "energy" (PCA-energy product, Zhang et al.), "uniform", "sensitivity" (measured)
     cost: str = "macs"              # what --speedup divides: "macs", or "latency" (measured per layer)
     round_to: int = 4               # pruning: kept channel counts are multiples of this
+    round_below: int = 0            # ... or, fewer than round_to, multiples of this (0: never; --target x86)
     selection: str = "lasso"        # channel pruning (prune, auto): "lasso" (He et al.'s path) or "greedy" (backward elimination)
     latency_batch: int = 8
     threads: int = 0

@@ -13,7 +13,8 @@
    against its responses (``Sxx``, ``Sxy``) for the allocation.
 3. Allocate keep counts under the MAC budget with the exact multiple-choice knapsack
    (``passes.allocation.allocate``). Options per group: keep ``k`` channels, ``k`` a multiple
-   of ``round_to`` (or all). Cost: the MACs the group's producer, depthwise members and
+   of ``round_to`` (or all; with ``round_below``, also fewer than ``round_to`` in multiples of
+   it). Cost: the MACs the group's producer, depthwise members and
    consumers keep, linear in ``k`` (a layer that is the consumer of one group and the producer
    of another is bilinear; the budget is lowered until the exact MAC count meets the target).
    Damage [design]: the squared reconstruction error of the consumers' responses after
@@ -488,23 +489,33 @@ def _refit_toward_original(graph: gs.Graph, prepared: onnx.ModelProto, analysis:
 # ---------------------------------------------------------------------------- planning
 
 
-def _keep_counts(channels: int, round_to: int) -> list[int]:
+def _keep_counts(channels: int, round_to: int, below: int = 0) -> list[int]:
+    """What a group of ``channels`` may keep: multiples of ``round_to`` (at most ``MAX_OPTIONS``
+    of them, evenly spaced), all of them, and with ``below``, counts under ``round_to`` in
+    multiples of ``below`` (``--target x86``: onnxruntime's blocked convs read fewer channels
+    than a block from plain NCHW, ``tvm_backend.channel_grid``)."""
     round_to = max(1, int(round_to))
     step = round_to * max(1, math.ceil((channels // round_to) / MAX_OPTIONS))
     counts = list(range(step, channels, step)) if channels > step else []
-    return counts + [channels]
+    narrow = list(range(below, min(round_to, channels), below)) if below else []
+    return narrow + counts + [channels]
 
 
 def plan_groups(graph: gs.Graph, layers: dict[str, Layer], exclude: list[str], round_to: int,
-                data: bool, samplers: bool = False) -> tuple[list[GroupPlan], dict[str, str]]:
+                data: bool, samplers: bool = False, round_below: int = 0) -> tuple[list[GroupPlan], dict[str, str]]:
     """Candidate groups and, for every other group, why it is left alone (by producer name).
 
     With ``samplers``, every plain Conv reading ALL the channels of a group left alone (a
     residual stream) becomes a sampler plan: its input channels are selected through a
     ``Gather`` (``channel_groups.insert_sampler``). Plans are in topological order of the
-    node the walk cuts before; a sampler comes before the group its Conv produces.
+    node the walk cuts before; a sampler comes before the group its Conv produces. Keep counts:
+    ``_keep_counts(channels, round_to, round_below)``.
     """
     plans, reasons = [], {}
+
+    def prunable(channels: int) -> bool:
+        return len(_keep_counts(channels, round_to, round_below)) > 1
+
     for group in find_groups(graph):
         name = group.name
         reason = group.reason
@@ -512,7 +523,7 @@ def plan_groups(graph: gs.Graph, layers: dict[str, Layer], exclude: list[str], r
             reason = "residual group (every block output would be pruned alike); left alone"
         if reason is None and any(fnmatch.fnmatchcase(_node_name(m.node), p) for m in group.producers for p in exclude):
             reason = "excluded by --exclude"
-        if reason is None and group.channels <= max(1, round_to):
+        if reason is None and not prunable(group.channels):
             reason = f"{group.channels} channels: nothing to prune at --round-to {round_to}"
         if reason is None and not group.consumers:
             reason = "no consumer reads these channels"
@@ -524,8 +535,8 @@ def plan_groups(graph: gs.Graph, layers: dict[str, Layer], exclude: list[str], r
         if reason is not None:
             for member in group.producers:
                 reasons[_node_name(member.node)] = reason
-            if samplers and group.channels > max(1, round_to):
-                plans += _sampler_plans(group, layers, exclude, round_to)
+            if samplers and prunable(group.channels):
+                plans += _sampler_plans(group, layers, exclude, round_to, round_below)
             continue
         per_channel = 0.0
         for member in group.producers + group.depthwise:
@@ -536,13 +547,14 @@ def plan_groups(graph: gs.Graph, layers: dict[str, Layer], exclude: list[str], r
             if layer:
                 per_channel += (layer.macs or 0) / layer.in_channels * member.block
         plans.append(GroupPlan(name, group.channels, [_node_name(m.node) for m in group.consumers], per_channel,
-                               counts=_keep_counts(group.channels, round_to)))
+                               counts=_keep_counts(group.channels, round_to, round_below)))
     order = {_node_name(node): index for index, node in enumerate(graph.nodes)}
     plans.sort(key=lambda p: (order.get(p.name, 0), not p.sampler))
     return plans, reasons
 
 
-def _sampler_plans(group: ChannelGroup, layers: dict[str, Layer], exclude: list[str], round_to: int) -> list[GroupPlan]:
+def _sampler_plans(group: ChannelGroup, layers: dict[str, Layer], exclude: list[str], round_to: int,
+                   round_below: int) -> list[GroupPlan]:
     plans = []
     for member in group.consumers:
         node, name = member.node, _node_name(member.node)
@@ -552,7 +564,7 @@ def _sampler_plans(group: ChannelGroup, layers: dict[str, Layer], exclude: list[
                 or any(fnmatch.fnmatchcase(name, p) for p in exclude)):
             continue
         plans.append(GroupPlan(name, group.channels, [name], (layers[name].macs or 0) / group.channels,
-                               counts=_keep_counts(group.channels, round_to), sampler=True))
+                               counts=_keep_counts(group.channels, round_to, round_below), sampler=True))
     return plans
 
 
@@ -701,7 +713,8 @@ def analyze_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Dat
     graph = graphs.import_graph(prepared)
     layer_list = find_layers(graph)
     layers = {layer.name: layer for layer in layer_list}
-    plans, reasons = plan_groups(graph, layers, options.exclude, round_to, data, samplers=method == "prune")
+    plans, reasons = plan_groups(graph, layers, options.exclude, round_to, data, samplers=method == "prune",
+                                 round_below=options.round_below)
     if not plans:
         detail = "; ".join(f"{name}: {why}" for name, why in list(reasons.items())[:3]) or "no channel groups"
         raise UserError(f"nothing to prune: no channel group can be pruned ({detail})")

@@ -171,36 +171,40 @@ def known_targets() -> dict[str, str]:
     return {name: description for name, (description, _) in _PRESETS.items()}
 
 
-def channel_multiple(name: str) -> int:
-    """What pruned channel counts should be multiples of on target ``name`` (``compress --target``
-    sets ``--round-to`` to it): the float32 lanes of the target's vector unit, so that no
-    kernel runs a partly filled vector or falls back to an unblocked layout.
+def channel_grid(name: str) -> tuple[int, int]:
+    """The channel counts pruning should keep for target ``name`` (``compress --target`` sets
+    them): multiples of the float32 lanes of the target's vector unit (``--round-to``), so that
+    no kernel runs a partly filled vector or falls back to an unblocked layout, and, on x86,
+    fewer than that in multiples of 4 (the second number; 0: none).
 
-    - ``x86`` (this machine): 8, the lanes of AVX2; 16 where the CPU has AVX-512F
-      (``_host_cpu_flags``). onnxruntime's NCHWc convolutions block channels by the same
-      number (MLAS's ``NchwcBlockSize``: 8 with AVX2, 16 with AVX-512F) and leave a conv whose
-      input channels are not a multiple of it in plain NCHW. Measured on AVX2
-      (``benchmarks/prune_bench.py``, 1 thread): ResNet-56 pruned 2x runs 1.45x / 1.65x
-      faster than the original at batch 1 / 32 with multiples of 8, 1.29x / 1.38x with
-      multiples of 4, 1.02x with no rounding; MobileNetV2 at 1.3x the same with 4, 8 or 16
-      (1.26-1.31x), and 0.76x (slower than the original) with none. Not measured on AVX-512
-      (no such machine here).
-    - ARM (``aarch64``, ``armv7``, ``rpi*``): 4, the lanes of 128-bit NEON.
-    - CUDA (``cuda``, ``jetson-*``): 8, NVIDIA's rule for Tensor Core shapes in half
-      precision (not measured here: no GPU).
+    - ``x86`` (this machine): multiples of 8, the lanes of AVX2, or of 16 where the CPU has
+      AVX-512F (``host_vector_unit``). onnxruntime's NCHWc convolutions block channels by the
+      same number (MLAS's ``NchwcBlockSize``) and leave a conv whose input channels are a
+      larger non-multiple of it in plain NCHW; a conv reading fewer channels than one block
+      reads them from plain NCHW and still writes blocks (onnxruntime's ``NchwcTransformer``),
+      hence the narrow counts, which let a 16-channel group be pruned at all. Measured
+      (``benchmarks/prune_bench.py``, 1 thread, speed-up at batch 1 / 32 against the original):
+      on AVX2, ResNet-56 pruned 2x 1.45x / 1.65x with multiples of 8, 1.29x / 1.38x with 4,
+      1.02x unrounded; MobileNetV2 at 1.3x the same with 4, 8 or 16 (1.26-1.31x), 0.76x
+      unrounded. On AVX-512 (2026-12-04), ResNet-56 pruned 2x with this grid 1.44x / 1.38x,
+      multiples of 8 1.34x / 1.29x, of 4 1.29x / 1.26x; strict multiples of 16 cannot reach
+      2x (its first stage has 16 channels) and lose 11 top-1 points at 1.8x.
+    - ARM (``aarch64``, ``armv7``, ``rpi*``): multiples of 4, the lanes of 128-bit NEON.
+    - CUDA (``cuda``, ``jetson-*``): multiples of 8, NVIDIA's rule for Tensor Core shapes in
+      half precision (not measured here: no GPU).
     """
     key = name.strip().lower()
     if key not in _PRESETS:
         raise UserError(f"unknown target {name!r}; known targets: {', '.join(_PRESETS)}")
     if key == "x86":
-        return 16 if host_vector_unit() == "avx512f" else 8
+        return (16 if host_vector_unit() == "avx512f" else 8), 4
     if key == "cuda" or key.startswith("jetson-"):
-        return 8
-    return 4
+        return 8, 0
+    return 4, 0
 
 
 def host_vector_unit() -> str:
-    """The widest float32 vector unit of this x86 CPU that ``channel_multiple`` knows: ``avx512f``,
+    """The widest float32 vector unit of this x86 CPU that ``channel_grid`` knows: ``avx512f``,
     ``avx2`` or ``""`` (another CPU, or none known); benchmarks record it beside their latencies."""
     flags = _host_cpu_flags()
     return next((unit for unit in ("avx512f", "avx2") if unit in flags), "")

@@ -187,24 +187,30 @@ def test_external_data_output_and_loading(tmp_path, small_model_file, small_cali
 
 
 def test_target_sets_the_channel_multiple(tmp_path, small_model_file, small_calib_file):
-    """`--target` chooses `--round-to` (x86 8, or 16 with AVX-512; ARM 4); an explicit `--round-to` wins."""
-    from onnxopt.tvm_backend import channel_multiple
+    """`--target` chooses `--round-to` (x86 8, or 16 with AVX-512, and there fewer channels than
+    that in multiples of 4; ARM 4); an explicit `--round-to` wins, with strict multiples."""
+    from onnxopt.tvm_backend import channel_grid
     out, report = tmp_path / "pruned.onnx", tmp_path / "r.json"
     common = ["compress", small_model_file, "-o", out, "--method", "prune", "--speedup", "1.3", "--calib", small_calib_file,
               "--report", report]
-    host = channel_multiple("x86")
-    assert host in (8, 16)
-    for target, extra, multiple in (("x86", [], host), ("aarch64", [], 4), ("x86", ["--round-to", "1"], 1)):
+    host = channel_grid("x86")
+    assert host in ((8, 4), (16, 4))
+    for target, extra, grid in (("x86", [], host), ("aarch64", [], (4, 0)), ("x86", ["--round-to", "1"], (1, 0)),
+                                ("x86", ["--round-to", "16"], (16, 0))):
+        multiple, below = grid
         result = onnxopt(*common, "--target", target, *extra)
+        if grid == (16, 0):      # the small CNN's groups have 16 channels: strict multiples of 16 prune nothing
+            assert_user_error(result, "out of reach", "--round-to 16")
+            continue
         assert result.returncode == 0, result.stderr
         data = json.loads(report.read_text())
-        assert (data["round_to"], data["target"]) == (multiple, target)
+        assert (data["round_to"], data["round_below"], data["target"]) == (multiple, below, target)
         model = onnx.load(out)
         weights = {t.name: t.dims for t in model.graph.initializer}
         widths = [weights[node.input[1]][0] for node in model.graph.node if node.op_type == "Conv"]
-        assert all(width % multiple == 0 for width in widths), widths
-        if multiple == 8:
-            assert sum(widths) < 16 + 16 + 16 + 32                     # something was pruned, in steps of 8
+        assert all(width % multiple == 0 or (below and width < multiple and width % below == 0) for width in widths), widths
+        if target == "x86" and not extra:
+            assert sum(widths) < 16 + 16 + 16 + 32                     # something was pruned, on the grid
     assert_user_error(onnxopt(*common, "--target", "tpu"), "unknown target 'tpu'", "x86")
 
 

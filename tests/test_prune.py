@@ -256,6 +256,27 @@ def test_round_to_and_refusals():
         compress_prune(model, _data(8), None, CompressOptions(speedup=1.3, method="prune", selection="best"))
 
 
+def test_channel_grid_below_the_multiple():
+    """``round_below`` (``--target x86``): multiples of ``round_to``, and fewer than that in
+    multiples of ``round_below``; so a 16-channel group is prunable at ``round_to`` 16, and the
+    pruned model keeps only such counts."""
+    model = small_cnn()
+    prepared, _ = graphs.prepare(model, {"x": (3, 12, 12)})
+    graph = graphs.import_graph(prepared)
+    layers = {layer.name: layer for layer in find_layers(graph)}
+    strict, strict_reasons = plan_groups(graph, layers, [], 16, data=True)
+    grid, _ = plan_groups(graph, layers, [], 16, data=True, round_below=4)
+    assert {plan.channels: plan.counts for plan in grid if not plan.sampler} == {16: [4, 8, 12, 16], 32: [4, 8, 12, 16, 32]}
+    assert [plan.channels for plan in strict] == [32]
+    assert any("nothing to prune at --round-to 16" in reason for reason in strict_reasons.values())
+    result = compress_prune(model, _data(64), _data(16, seed=2),
+                            CompressOptions(speedup=1.6, method="prune", round_to=16, round_below=4, rows_per_layer=2000))
+    _check_model(model, result, 1.6)
+    kept = [layer.rank for layer in result.layers if layer.rank is not None]
+    assert kept and all(k % 16 == 0 or (k < 16 and k % 4 == 0) for k in kept), kept
+    assert any(k < 16 for k in kept)
+
+
 def test_greedy_selection_keeps_what_the_refit_reconstructs_best():
     """``--selection greedy`` on the small CNN, every group at half its channels: the
     consumers' refit error on the calibration rows is lower in sum than after the LASSO path's

@@ -317,15 +317,16 @@ def test_cli_main_prints_one_line_and_exits_2(tiny_path, tmp_path):
 
 @pytest.mark.parametrize("flags, x86, unit", [({"sse4_2", "avx2", "fma"}, 8, "avx2"), ({"avx2", "avx512f", "avx512bw"}, 16, "avx512f"),
                                               (set(), 8, "")])
-def test_channel_multiple_follows_the_vector_lanes(monkeypatch, flags, x86, unit):
-    """x86 (this machine): onnxruntime's NCHWc block, 8 floats with AVX2, 16 with AVX-512F;
-    ARM NEON 4; CUDA 8 whatever the host."""
+def test_channel_grid_follows_the_vector_lanes(monkeypatch, flags, x86, unit):
+    """x86 (this machine): onnxruntime's NCHWc block, 8 floats with AVX2, 16 with AVX-512F, and
+    fewer channels than a block in multiples of 4; ARM NEON 4; CUDA 8 whatever the host."""
     monkeypatch.setattr(tvm_backend, "_host_cpu_flags", lambda: flags)
     assert tvm_backend.host_vector_unit() == unit
-    assert tvm_backend.channel_multiple("x86") == x86
-    assert [tvm_backend.channel_multiple(name) for name in ("aarch64", "armv7", "rpi4", "cuda", "jetson-orin")] == [4, 4, 4, 8, 8]
+    assert tvm_backend.channel_grid("x86") == (x86, 4)
+    assert [tvm_backend.channel_grid(name) for name in ("aarch64", "armv7", "rpi4", "cuda", "jetson-orin")] == \
+        [(4, 0), (4, 0), (4, 0), (8, 0), (8, 0)]
     with pytest.raises(UserError, match="unknown target"):
-        tvm_backend.channel_multiple("avx512")
+        tvm_backend.channel_grid("avx512")
 
 
 def test_host_cpu_flags_are_read_from_cpuinfo():
