@@ -15,6 +15,8 @@ RSS are the process's own) with:
                    layer, the candidate measured on held-out samples
   prune+roundK     `prune` with kept channel counts in multiples of K (1, 8, 16; `prune` has 4):
                    what SIMD-friendly shapes are worth in latency, and cost in accuracy
+  prune+x86        `prune --target x86`: multiples of this CPU's block (8 with AVX2, 16 with
+                   AVX-512F), or fewer channels than that in multiples of 4
   prune+block      `prune`, then each block fitted to the original's through its
   auto+block       nonlinearities (`--reconstruct block`, passes/block_fit.py); likewise `auto`
 
@@ -57,10 +59,11 @@ VARIANTS = {
     "prune+round1": ["--method", "prune", "--round-to", "1"],     # `prune` keeps multiples of 4 (no --target)
     "prune+round8": ["--method", "prune", "--round-to", "8"],     # `--target x86`
     "prune+round16": ["--method", "prune", "--round-to", "16"],
+    "prune+x86": ["--method", "prune", "--target", "x86"],
     "prune+block": ["--method", "prune", "--reconstruct", "block"],
     "auto+block": ["--method", "auto", "--reconstruct", "block"],
 }
-ROUNDINGS = ["prune+round1", "prune+round8", "prune+round16"]
+ROUNDINGS = ["prune+round1", "prune+round8", "prune+round16", "prune+x86"]
 DATA_FREE = {"filter-std", "filter-l1"}
 FILTERS = ["filter-std+ls", "filter-l1+ls", "filter-std", "filter-l1"]
 
@@ -72,7 +75,7 @@ FILTERS = ["filter-std+ls", "filter-l1+ls", "filter-std", "filter-l1"]
 MODELS = {
     # ResNet-56 at 2x is out of reach with multiples of 16 (its first stage has 16 channels)
     "cifar10_resnet56": (2.0, ["prune", "prune+greedy", "prune+energy", "auto", *FILTERS, "prune+round1", "prune+round8",
-                               "prune+block", "auto+block"], 4000, 32768, None),
+                               "prune+x86", "prune+block", "auto+block"], 4000, 32768, None),
     "mobilenet_v2": (1.3, ["prune", "prune+greedy", "prune+energy", *FILTERS, *ROUNDINGS, "prune+block"], IMAGENET_CALIB, 8192, None),
     "squeezenet1.1": (1.5, ["prune", "prune+greedy", "prune+energy", "auto", *FILTERS, "prune+block", "auto+block"],
                       IMAGENET_CALIB, 8192, None),
