@@ -57,7 +57,7 @@ VARIANTS = {
     "filter-l1": ["--method", "filter-l1"],
     "auto": ["--method", "auto"],
     "prune+round1": ["--method", "prune", "--round-to", "1"],     # `prune` keeps multiples of 4 (no --target)
-    "prune+round8": ["--method", "prune", "--round-to", "8"],     # `--target x86`
+    "prune+round8": ["--method", "prune", "--round-to", "8"],     # `--target x86` on AVX2 before 2026-12-04
     "prune+round16": ["--method", "prune", "--round-to", "16"],
     "prune+x86": ["--method", "prune", "--target", "x86"],
     "prune+block": ["--method", "prune", "--reconstruct", "block"],

@@ -186,7 +186,7 @@ def channel_grid(name: str) -> tuple[int, int]:
       (``benchmarks/prune_bench.py``, 1 thread, speed-up at batch 1 / 32 against the original):
       on AVX2, ResNet-56 pruned 2x 1.45x / 1.65x with multiples of 8, 1.29x / 1.38x with 4,
       1.02x unrounded; MobileNetV2 at 1.3x the same with 4, 8 or 16 (1.26-1.31x), 0.76x
-      unrounded. On AVX-512 (2026-12-04), ResNet-56 pruned 2x with this grid 1.44x / 1.38x,
+      unrounded. On AVX-512 (2026-12-04), ResNet-56 pruned 2x with this grid 1.44x / 1.40x,
       multiples of 8 1.34x / 1.29x, of 4 1.29x / 1.26x; strict multiples of 16 cannot reach
       2x (its first stage has 16 channels) and lose 11 top-1 points at 1.8x.
     - ARM (``aarch64``, ``armv7``, ``rpi*``): multiples of 4, the lanes of 128-bit NEON.
