@@ -96,7 +96,7 @@ def analyze(
         raise UserError(f"--metric {metric} was not measured (measured: {', '.join(analysis.metrics)}); "
                         f"top1_drop needs --eval-data, kl a classifier's (N, classes) output")
     candidates = model_plan.candidates
-    layer_options = [_rank_options(layer, np.ones(layer.out_channels), options.rank_multiple) for layer in candidates]
+    layer_options = [_rank_options(layer, np.ones(layer.out_channels), options.rank_multiple, below=options.rank_below) for layer in candidates]
     fixed = sum(layer.macs for layer in model_plan.layers if layer not in candidates and layer.macs)
     front = pareto_front(analysis, layer_options, candidates, fixed, metric, list(FRONT_SPEEDUPS))
     wall = time.perf_counter() - start

@@ -143,14 +143,14 @@ def _macs_after(analysis: PruneAnalysis, counts: list[int], ranks: dict[str, int
 
 
 def per_layer_choice(analysis: PruneAnalysis, candidates: list[Layer], lowrank_analysis: Analysis, rank_multiple: int,
-                     speedup: float) -> PerLayerChoice:
+                     speedup: float, rank_below: int = 0) -> PerLayerChoice:
     """Per group a keep count and per layer a rank, from ONE knapsack on measured output error
     (module docstring, step 2). ``analysis``: ``prune_pipeline.analyze_prune`` with output-measured
     damages; ``lowrank_analysis``: ``onnxopt.sensitivity`` curves of ``candidates``."""
     prune_options = [[allocation.Option(k * p.macs_per_channel, d, k) for k, d in zip(p.counts, p.damages)]
                      for p in analysis.plans]
     rank_options = [[allocation.Option(layer.macs, 0.0, None)]
-                    + [allocation.Option(lowrank.decomposed_macs(layer, r), 0.0, r) for r in rank_grid(layer, rank_multiple)]
+                    + [allocation.Option(lowrank.decomposed_macs(layer, r), 0.0, r) for r in rank_grid(layer, rank_multiple, below=rank_below)]
                     for layer in candidates]
     rank_options = measured_options(rank_options, candidates, lowrank_analysis, analysis.metric)
     options = prune_options + rank_options
@@ -223,7 +223,7 @@ def _per_layer_candidate(analyses: _Analyses, options: CompressOptions,
     """Prune the groups and factorise the layers ``per_layer_choice`` picks."""
     pruning = analyses.prune("sensitivity", progress)
     model_plan, curves = analyses.lowrank(progress)
-    choice = per_layer_choice(pruning, model_plan.candidates, curves, options.rank_multiple, options.speedup)
+    choice = per_layer_choice(pruning, model_plan.candidates, curves, options.rank_multiple, options.speedup, options.rank_below)
     pruned_groups = sum(c < p.channels for c, p in zip(choice.counts, pruning.plans))
     facts = {"prune_speedup": pruning.macs_before / max(choice.pruned_macs, 1), "groups_pruned": pruned_groups,
              "layers_factorised": len(choice.ranks), "predicted_mac_speedup": pruning.macs_before / max(choice.predicted_macs, 1),

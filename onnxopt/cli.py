@@ -131,7 +131,7 @@ def compress(
     allocation: Optional[str] = typer.Option(None, "--allocation", help="Rank allocation under the budget: energy (default), uniform, sensitivity (each layer's rank grid, or each channel group's keep counts, measured at the output on held-out samples; the default with --max-drop and for --method prune), or vbmf (ranks proportional to each layer's weakened EVBMF rank, --vbmf-weaken)."),
     external_data: bool = typer.Option(False, "--external-data", help="Write weights to one OUT.data file beside the model (automatic over 2 GiB)."),
     round_to: Optional[int] = typer.Option(None, "--round-to", help="Pruning: kept channel counts are multiples of this (1, 4, 8, 16); default: --target's (4 without one)."),
-    target: Optional[str] = typer.Option(None, "--target", help="Pruning: where the model will run (a name of `onnxopt build --list-targets`); sets --round-to: 8 for x86 with AVX2 (16 with AVX-512; on x86 also fewer channels than that in multiples of 4, which onnxruntime reads unblocked) and CUDA, 4 for ARM (NEON)."),
+    target: Optional[str] = typer.Option(None, "--target", help="Where the model will run (a name of `onnxopt build --list-targets`); sets --round-to and the factorisation ranks' grid alike: multiples of 8 for x86 with AVX2 (16 with AVX-512; on x86 also fewer than that in multiples of 4, which onnxruntime reads unblocked) and CUDA, of 4 for ARM (NEON)."),
     selection: Optional[str] = typer.Option(None, "--selection", help="Channel pruning (prune, and auto's pruning): which channels stay: lasso (He et al.'s LASSO path; the default for prune) or greedy (backward elimination on the refit's residual; the default for auto)."),
     cost: str = typer.Option("macs", "--cost", help="What --speedup divides: macs, or latency (each layer timed in onnxruntime; never slower)."),
     max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Instead of --speedup: the fastest model whose top-1 drop on --eval-data stays within this many points (searched)."),
@@ -167,6 +167,7 @@ def compress(
         _check_output_path(model_path, report)
     grid = tvm_backend.channel_grid(target) if target else (4, 0)    # an unknown --target is refused here
     round_to, round_below = grid if round_to is None else (round_to, 0)    # an explicit --round-to: strict multiples
+    rank_multiple, rank_below = grid                                        # factorisation ranks: the same grid
     if round_to < 1:
         raise UserError(f"--round-to must be at least 1 (got {round_to})")
     if block_steps < 1:
@@ -193,6 +194,7 @@ def compress(
                               factorize_classifier=factorize_classifier,
                               rows_per_layer=rows, stages=stages, threads=threads, solver=solver,
                               asymmetric=not symmetric, allocation=allocation, cost=cost, round_to=round_to, round_below=round_below, selection=selection,
+                              rank_multiple=rank_multiple, rank_below=rank_below,
                               vbmf_weaken=vbmf_weaken, compression_stages=compression_stages, sensitivity_grid=sensitivity_grid,
                               reconstruct=reconstruct, block_steps=block_steps,
                               block_span=block_span if block_span == "stage" else int(block_span))
@@ -207,7 +209,9 @@ def compress(
     save_model_atomic(result.model, output, external_data=external_data)
     data = {"input": str(model_path), "output": str(output), "method": method, "allocation": allocation, "reconstruct": reconstruct, "speedup_target": speedup,
             **({"selection": selection} if method in ("prune", "auto") else {}),
-            **({"round_to": round_to, "round_below": round_below, "target": target} if method in ("prune", "auto", "filter-std", "filter-l1") else {}),
+            **({"round_to": round_to, "round_below": round_below} if method in ("prune", "auto", "filter-std", "filter-l1") else {}),
+            **({"rank_multiple": rank_multiple, "rank_below": rank_below} if method in ("lowrank", "spatial", "auto") else {}),
+            "target": target,
             "preprocess": prep.describe(), "calib": " ".join(calib or []), "seed": seed, **result.to_json()}
     if search is not None:
         data["max_drop_search"] = search

@@ -67,7 +67,8 @@ class CompressOptions:
     rows_per_layer: int = 8192
     stages: int = 0                 # 0: one per compressed layer (exact asymmetric inputs)
     memory_budget: int = 2 * 2**30  # bytes of stored activations at a graph cut
-    rank_multiple: int = 4
+    rank_multiple: int = 4          # factorising: ranks are multiples of this
+    rank_below: int = 0             # ... or, below rank_multiple, multiples of this (0: never; --target x86)
     solver: str = "auto"            # "auto" (ReLU-aware where a ReLU follows), "linear", "svd" (data-free)
     asymmetric: bool = True         # inputs from the compressed model (False: from the original)
     allocation: str = "energy"      # "energy" (PCA-energy product, Zhang et al.), "uniform", "sensitivity" (measured)
@@ -198,23 +199,28 @@ class ResponseSampler:
         return {name: sample.array() for name, sample in samples.items()}
 
 
-def rank_grid(layer: Layer, multiple: int, max_saving_rank: Callable[[Layer], int] = lowrank.max_saving_rank) -> list[int]:
-    """The ranks a layer may be factorised to: multiples of ``multiple`` that save MACs (the
-    largest such rank from ``max_saving_rank``: a pass's own cost model)."""
+def rank_grid(layer: Layer, multiple: int, max_saving_rank: Callable[[Layer], int] = lowrank.max_saving_rank,
+              below: int = 0) -> list[int]:
+    """The ranks a layer may be factorised to: multiples of ``multiple`` and, fewer than
+    ``multiple``, of ``below`` (0: none; ``tvm_backend.channel_grid``, as pruning's keep counts),
+    that save MACs (the largest such rank from ``max_saving_rank``: a pass's own cost model).
+    Where none does, the largest rank that saves MACs."""
     top = max_saving_rank(layer)
-    ranks = list(range(multiple, top + 1, multiple))
-    if 1 <= top < multiple:
+    ranks = list(range(below, min(multiple, top + 1), below)) if below else []
+    ranks += list(range(multiple, top + 1, multiple))
+    if not ranks and top >= 1:
         ranks.append(top)
     return ranks
 
 
-def _rank_options(layer: Layer, eigenvalues: np.ndarray, multiple: int, timer: LayerTimer | None = None) -> list[allocation.Option]:
-    """Keep, or factorise at each rank (multiples of ``multiple``) that saves MACs.
+def _rank_options(layer: Layer, eigenvalues: np.ndarray, multiple: int, timer: LayerTimer | None = None,
+                  below: int = 0) -> list[allocation.Option]:
+    """Keep, or factorise at each rank of ``rank_grid(layer, multiple, below=below)``.
 
     With a ``timer`` the cost of an option is its measured latency, and ranks that are not
     faster than the layer itself are not offered (never make a layer slower).
     """
-    ranks = rank_grid(layer, multiple)
+    ranks = rank_grid(layer, multiple, below=below)
     if timer is None:
         options = [allocation.Option(cost=layer.macs, damage=0.0, value=None)]
         options += [allocation.Option(lowrank.decomposed_macs(layer, rank), allocation.energy_damage(eigenvalues, rank), rank) for rank in ranks]
@@ -249,7 +255,7 @@ def choose_ranks(layers: list[Layer], candidates: list[Layer], targets: dict[str
             spectra[layer.name] = np.linalg.svd(layer.weight_matrix().astype(np.float64), compute_uv=False) ** 2
     timer = LayerTimer(batch=options.latency_batch) if options.cost == "latency" else None
     t0 = time.perf_counter()
-    layer_options = [_rank_options(layer, spectra[layer.name], options.rank_multiple, timer) for layer in candidates]
+    layer_options = [_rank_options(layer, spectra[layer.name], options.rank_multiple, timer, options.rank_below) for layer in candidates]
     others = [layer for layer in layers if layer not in candidates and layer.output_hw is not None]
     if timer is None:
         fixed = sum(layer.macs for layer in others)
@@ -433,7 +439,7 @@ def layer_sensitivity(model: onnx.ModelProto, model_plan: Plan, calib: DataSourc
     (then nothing is calibrated or run)."""
     if held_out is None or not len(held_out):
         held_out = calib.subset(range(min(128, len(calib))))
-    allowed = {layer.name: rank_grid(layer, options.rank_multiple) for layer in model_plan.candidates}
+    allowed = {layer.name: rank_grid(layer, options.rank_multiple, below=options.rank_below) for layer in model_plan.candidates}
     key = {"analysis": "lowrank-sensitivity/1", "model": model_digest(model), "calib": data_digest(calib),
            "held_out": data_digest(held_out), "seed": options.seed, "rows_per_layer": options.rows_per_layer,
            "grid": options.sensitivity_grid, "ranks": allowed,

@@ -85,7 +85,7 @@ def compress_spatial(model: onnx.ModelProto, calib: DataSource | None, holdout: 
 
     layer_options = [[allocation.Option(layer.macs, 0.0, None)]
                      + [allocation.Option(spatial.decomposed_macs(layer, rank), allocation.energy_damage(spectra[layer.name], rank), rank)
-                        for rank in rank_grid(layer, options.rank_multiple, spatial.max_saving_rank)]
+                        for rank in rank_grid(layer, options.rank_multiple, spatial.max_saving_rank, options.rank_below)]
                      for layer in candidates]
     fixed = macs_before - sum(layer.macs for layer in candidates)
     budget = macs_before / options.speedup - fixed

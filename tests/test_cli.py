@@ -214,6 +214,23 @@ def test_target_sets_the_channel_multiple(tmp_path, small_model_file, small_cali
     assert_user_error(onnxopt(*common, "--target", "tpu"), "unknown target 'tpu'", "x86")
 
 
+@pytest.mark.parametrize("method", ["lowrank", "spatial"])
+def test_target_puts_factorisation_ranks_on_the_channel_grid(tmp_path, small_model_file, small_calib_file, method):
+    """`--target` gives the factorised layers' ranks (the width between their two convs) the
+    channel grid of pruning's keep counts; without it, multiples of 4."""
+    from onnxopt.tvm_backend import channel_grid
+    out, report = tmp_path / "f.onnx", tmp_path / "r.json"
+    common = ["compress", small_model_file, "-o", out, "--method", method, "--speedup", "1.5", "--calib", small_calib_file,
+              "--report", report]
+    for extra, (multiple, below) in (([], (4, 0)), (["--target", "x86"], channel_grid("x86")), (["--target", "cuda"], (8, 0))):
+        result = onnxopt(*common, *extra)
+        assert result.returncode == 0, result.stderr
+        data = json.loads(report.read_text())
+        assert (data["rank_multiple"], data["rank_below"]) == (multiple, below)
+        ranks = [layer["rank"] for layer in data["layers"] if layer.get("rank")]
+        assert ranks and all(r % multiple == 0 or (below and r < multiple and r % below == 0) for r in ranks), (extra, ranks)
+
+
 def test_error_text_is_printed_verbatim(tmp_path):
     """Square brackets in an error (a path, ``pip install 'onnxopt[reconstruct]'``) are not
     taken for rich markup and dropped."""

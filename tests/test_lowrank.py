@@ -106,6 +106,23 @@ def test_latency_cost_offers_only_ranks_measured_faster():
     assert timer.seconds(layer, 4) == timer.seconds(layer, 4)          # memoised per shape signature
 
 
+def test_rank_grid_below_the_multiple():
+    """Ranks: multiples of the grid's multiple and, below it, of ``below``; the largest saving
+    rank only where the grid has none."""
+    from onnxopt.pipeline import rank_grid
+
+    layer = next(l for l in find_layers(import_graph(prepare(small_cnn())[0])) if l.name == "block.conv1")
+    top = lowrank.max_saving_rank(layer)                   # 16 -> 16, 3x3: 14
+    assert top == 14
+    assert rank_grid(layer, 4) == [4, 8, 12]
+    assert rank_grid(layer, 16) == [14]                    # no multiple of 16 saves MACs
+    assert rank_grid(layer, 16, below=4) == [4, 8, 12]
+    assert rank_grid(layer, 8, below=4) == [4, 8]
+    assert rank_grid(layer, 4, below=4) == [4, 8, 12]
+    wide = next(l for l in find_layers(import_graph(prepare(small_cnn())[0])) if l.name == "down")
+    assert rank_grid(wide, 16, below=4) == [4, 8, 12, 16] and lowrank.max_saving_rank(wide) < 32
+
+
 def test_sensitivity_damage_is_measured_monotone_and_zero_for_keep():
     from onnxopt.calib.capture import CutRunner
     from onnxopt.calib.readers import DataSource, InputSpec
