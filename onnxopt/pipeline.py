@@ -199,6 +199,13 @@ class ResponseSampler:
         return {name: sample.array() for name, sample in samples.items()}
 
 
+def counts_below(multiple: int, below: int, limit: int) -> list[int]:
+    """The counts under ``multiple`` and ``limit`` in multiples of ``below`` (none for 0): the
+    narrow part of a target's channel grid (``tvm_backend.channel_grid``), for pruning's keep
+    counts and factorisation's ranks alike."""
+    return list(range(below, min(multiple, limit), below)) if below else []
+
+
 def rank_grid(layer: Layer, multiple: int, max_saving_rank: Callable[[Layer], int] = lowrank.max_saving_rank,
               below: int = 0) -> list[int]:
     """The ranks a layer may be factorised to: multiples of ``multiple`` and, fewer than
@@ -206,8 +213,7 @@ def rank_grid(layer: Layer, multiple: int, max_saving_rank: Callable[[Layer], in
     that save MACs (the largest such rank from ``max_saving_rank``: a pass's own cost model).
     Where none does, the largest rank that saves MACs."""
     top = max_saving_rank(layer)
-    ranks = list(range(below, min(multiple, top + 1), below)) if below else []
-    ranks += list(range(multiple, top + 1, multiple))
+    ranks = counts_below(multiple, below, top + 1) + list(range(multiple, top + 1, multiple))
     if not ranks and top >= 1:
         ranks.append(top)
     return ranks

@@ -80,7 +80,7 @@ from onnxopt.passes import allocation, prune
 from onnxopt.passes.channel_groups import (ChannelGroup, Member, apply_keep, find_groups, group_of, insert_sampler,
                                            sampler_group, set_weights)
 from onnxopt.pipeline import (SHORTCUT, CompressionResult, CompressOptions, LayerResult, Progress, batch_size_for,
-                              check_selection, layer_seed, shape_text)
+                              check_selection, counts_below, layer_seed, shape_text)
 from onnxopt.sensitivity import OutputReference, grid_ranks
 from onnxopt.verify import Verification, verify
 
@@ -497,8 +497,7 @@ def _keep_counts(channels: int, round_to: int, below: int = 0) -> list[int]:
     round_to = max(1, int(round_to))
     step = round_to * max(1, math.ceil((channels // round_to) / MAX_OPTIONS))
     counts = list(range(step, channels, step)) if channels > step else []
-    narrow = list(range(below, min(round_to, channels), below)) if below else []
-    return narrow + counts + [channels]
+    return counts_below(round_to, below, channels) + counts + [channels]
 
 
 def plan_groups(graph: gs.Graph, layers: dict[str, Layer], exclude: list[str], round_to: int,

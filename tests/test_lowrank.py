@@ -111,7 +111,8 @@ def test_rank_grid_below_the_multiple():
     rank only where the grid has none."""
     from onnxopt.pipeline import rank_grid
 
-    layer = next(l for l in find_layers(import_graph(prepare(small_cnn())[0])) if l.name == "block.conv1")
+    layers = {l.name: l for l in find_layers(import_graph(prepare(small_cnn())[0]))}
+    layer = layers["block.conv1"]
     top = lowrank.max_saving_rank(layer)                   # 16 -> 16, 3x3: 14
     assert top == 14
     assert rank_grid(layer, 4) == [4, 8, 12]
@@ -119,7 +120,7 @@ def test_rank_grid_below_the_multiple():
     assert rank_grid(layer, 16, below=4) == [4, 8, 12]
     assert rank_grid(layer, 8, below=4) == [4, 8]
     assert rank_grid(layer, 4, below=4) == [4, 8, 12]
-    wide = next(l for l in find_layers(import_graph(prepare(small_cnn())[0])) if l.name == "down")
+    wide = layers["down"]
     assert rank_grid(wide, 16, below=4) == [4, 8, 12, 16] and lowrank.max_saving_rank(wide) < 32
 
 
