@@ -29,7 +29,13 @@ calibrate on the even half. onnxruntime latency is measured against the original
 run (batch 1 and 32, 1 thread, runs alternated). Prints a Markdown table, writes JSON; the drop
 comes with its paired standard error (`onnxopt eval --baseline`).
 
-    python benchmarks/prune_bench.py [--quick] [--out DIR] [--models ...] [--variants ...]
+    python benchmarks/prune_bench.py [--quick] [--out DIR] [--models ...] [--variants ...] [--seeds 0 1 2]
+
+``--seeds``: each seed draws other calibration images (and held-out samples, sampled positions)
+from the same calibration half; the evaluation images stay the same. With more than one, the
+table ends with each (model, variant)'s mean drop over the seeds and the standard error of that
+mean from the seeds' spread: one calibration draw moves the ImageNet drops by several points
+(README), more than their paired standard errors say.
 
 The JSON is written after every row; with ``--models`` or ``--variants``, rows of other
 (model, variant) pairs already in it are kept, so the benchmark can be run in parts.
@@ -39,6 +45,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 import subprocess
 import sys
 import time
@@ -88,7 +96,7 @@ def save(path: Path, kept: list[dict], rows: list[dict], quick: bool) -> None:
     (model, variant) pairs already in the file, and those of another vector unit (``--round-to``'s
     latencies depend on it), so the benchmark can be run in parts and on several machines."""
     def key(row: dict) -> tuple:
-        return row["model"], row["variant"], row.get("vector_unit")
+        return row["model"], row["variant"], row.get("vector_unit"), row.get("seed", 0)
 
     done = {key(r) for r in rows}
     summary = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "quick": quick,
@@ -105,6 +113,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", default=None)
     parser.add_argument("--reuse", action="store_true",
                         help="Evaluate models already compressed in --work (wall time: the report's total, no RSS).")
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0],
+                        help="Calibration draws (`onnxopt compress --seed`), each its own row.")
     args = parser.parse_args()
     table = QUICK if args.quick else MODELS
     names = args.models or list(table)
@@ -120,11 +130,11 @@ def main() -> None:
         speedup, variants, calib_size, rows_per_layer, limit = {**MODELS, **QUICK}[model_name]
         variants = [v for v in variants if not args.variants or v in args.variants]
         print(f"{model_name}:", flush=True)
-        for variant in variants:
-            out = args.work / f"{model_name}_{variant}_{speedup:g}x.onnx"
-            report = args.work / f"{model_name}_{variant}_{speedup:g}x.json"
+        for variant, seed in [(v, seed) for v in variants for seed in args.seeds]:
+            stem = f"{model_name}_{variant}_{speedup:g}x" + (f"_seed{seed}" if seed else "")
+            out, report = args.work / f"{stem}.onnx", args.work / f"{stem}.json"
             command = onnxopt("-q", "compress", spec.path, "-o", out, "--speedup", speedup, "--preset", spec.preset,
-                              "--report", report, *VARIANTS[variant])
+                              "--report", report, "--seed", seed, *VARIANTS[variant])
             if variant not in DATA_FREE:
                 command += ["--calib", str(spec.calib), "--calib-size", str(calib_size), "--rows-per-layer", str(rows_per_layer)]
             if args.reuse and out.exists() and report.exists():
@@ -140,7 +150,7 @@ def main() -> None:
             latency = {batch: latency_ratio(out, spec.path, batch) for batch in (32, 1)}
             mac_ratio = data["macs_before"] / data["macs_after"]
             row = {
-                "model": model_name, "speedup_target": speedup, "variant": variant, "date": time.strftime("%Y-%m-%d"),
+                "model": model_name, "speedup_target": speedup, "variant": variant, "seed": seed, "date": time.strftime("%Y-%m-%d"),
                 "cpu": machine()["cpu"], "vector_unit": machine()["vector_unit"],
                 "mac_ratio": mac_ratio,
                 "params_ratio": data["params_before"] / data["params_after"],
@@ -157,16 +167,41 @@ def main() -> None:
                 row["auto"] = data["auto"]
             rows.append(row)
             save(path, kept, rows, args.quick)
-            print(f"  {variant:14s} top-1 {accuracy['top1']:.4f} (original {row['top1_original']:.4f}, drop {row['top1_drop_points']:.2f} ± {row['drop_se_points']:.2f}) MACs {mac_ratio:.2f}x  "
+            print(f"  {variant:14s} seed {seed} top-1 {accuracy['top1']:.4f} (original {row['top1_original']:.4f}, drop {row['top1_drop_points']:.2f} ± {row['drop_se_points']:.2f}) MACs {mac_ratio:.2f}x  "
                   f"latency b32 {row['latency_speedup_b32']:.2f}x b1 {row['latency_speedup_b1']:.2f}x  {wall:.0f} s", flush=True)
     print()
-    print(markdown(json.loads(path.read_text())["rows"] if path.exists() else [],
-                   [("model", "model", "s"), ("target", "speedup_target", "g"), ("variant", "variant", "s"), ("SIMD", "vector_unit", "s"),
+    all_rows = json.loads(path.read_text())["rows"] if path.exists() else []
+    print(markdown(all_rows,
+                   [("model", "model", "s"), ("target", "speedup_target", "g"), ("variant", "variant", "s"), ("seed", "seed", "d"), ("SIMD", "vector_unit", "s"),
                     ("MACs ratio", "mac_ratio", ".2f"), ("top-1", "top1", ".4f"), ("orig.", "top1_original", ".4f"),
                     ("drop (pts)", "top1_drop_points", ".2f"), ("± s.e.", "drop_se_points", ".2f"), ("ORT speed-up b1", "latency_speedup_b1", ".2f"),
                     ("b32", "latency_speedup_b32", ".2f"), ("time (s)", "compress_wall_s", ".0f"),
                     ("peak RSS (MB)", "compress_peak_rss_mb", ".0f")]))
+    over_seeds = seed_means(all_rows)
+    if over_seeds:
+        print()
+        print(markdown(over_seeds, [("model", "model", "s"), ("target", "speedup_target", "g"), ("variant", "variant", "s"),
+                                    ("calibration images", "calib_images", "d"), ("seeds", "seeds", "s"), ("drops (pts)", "drops", "s"),
+                                    ("mean drop", "mean_drop", ".2f"), ("± s.e. over seeds", "mean_drop_se", ".2f")]))
 
+
+def seed_means(rows: list[dict]) -> list[dict]:
+    """Each (model, budget, variant, calibration size) measured with more than one seed: its
+    drops, their mean and the standard error of the mean from their spread (``std(ddof=1) /
+    sqrt(n)``). Rows without a seed were seed 0; of two rows of one seed (two machines: the
+    latency differs, not the model) the later counts."""
+    runs: dict[tuple, dict[int, dict]] = {}
+    for row in sorted(rows, key=lambda r: r["date"]):
+        key = row["model"], row["speedup_target"], row["variant"], row["calib_images"]
+        runs.setdefault(key, {})[row.get("seed") or 0] = row
+    means = []
+    for (model, target, variant, images), by_seed in runs.items():
+        if len(by_seed) > 1:
+            drops = [by_seed[seed]["top1_drop_points"] for seed in sorted(by_seed)]
+            means.append({"model": model, "speedup_target": target, "variant": variant, "calib_images": images,
+                          "seeds": " ".join(map(str, sorted(by_seed))), "drops": " / ".join(f"{d:.2f}" for d in drops),
+                          "mean_drop": statistics.mean(drops), "mean_drop_se": statistics.stdev(drops) / math.sqrt(len(drops))})
+    return means
 
 if __name__ == "__main__":
     main()
