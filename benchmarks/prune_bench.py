@@ -33,8 +33,8 @@ comes with its paired standard error (`onnxopt eval --baseline`).
 
 ``--seeds``: each seed draws other calibration images (and held-out samples, sampled positions)
 from the same calibration half; the evaluation images stay the same. With more than one, the
-table ends with each (model, variant)'s mean drop over the seeds and the standard error of that
-mean from the seeds' spread: one calibration draw moves the ImageNet drops by several points
+table ends with each (model, budget, variant, calibration size)'s mean drop over the seeds and
+the standard error of that mean from the seeds' spread: one calibration draw moves the ImageNet drops by several points
 (README), more than their paired standard errors say.
 
 The JSON is written after every row; with ``--models`` or ``--variants``, rows of other
@@ -44,6 +44,7 @@ The JSON is written after every row; with ``--models`` or ``--variants``, rows o
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import statistics
@@ -96,7 +97,7 @@ def save(path: Path, kept: list[dict], rows: list[dict], quick: bool) -> None:
     (model, variant) pairs already in the file, and those of another vector unit (``--round-to``'s
     latencies depend on it), so the benchmark can be run in parts and on several machines."""
     def key(row: dict) -> tuple:
-        return row["model"], row["variant"], row.get("vector_unit"), row.get("seed", 0)
+        return row["model"], row["variant"], row.get("vector_unit"), row.get("seed") or 0
 
     done = {key(r) for r in rows}
     summary = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "quick": quick,
@@ -130,7 +131,7 @@ def main() -> None:
         speedup, variants, calib_size, rows_per_layer, limit = {**MODELS, **QUICK}[model_name]
         variants = [v for v in variants if not args.variants or v in args.variants]
         print(f"{model_name}:", flush=True)
-        for variant, seed in [(v, seed) for v in variants for seed in args.seeds]:
+        for variant, seed in itertools.product(variants, args.seeds):
             stem = f"{model_name}_{variant}_{speedup:g}x" + (f"_seed{seed}" if seed else "")
             out, report = args.work / f"{stem}.onnx", args.work / f"{stem}.json"
             command = onnxopt("-q", "compress", spec.path, "-o", out, "--speedup", speedup, "--preset", spec.preset,
@@ -197,11 +198,13 @@ def seed_means(rows: list[dict]) -> list[dict]:
     means = []
     for (model, target, variant, images), by_seed in runs.items():
         if len(by_seed) > 1:
-            drops = [by_seed[seed]["top1_drop_points"] for seed in sorted(by_seed)]
+            seeds = sorted(by_seed)
+            drops = [by_seed[seed]["top1_drop_points"] for seed in seeds]
             means.append({"model": model, "speedup_target": target, "variant": variant, "calib_images": images,
-                          "seeds": " ".join(map(str, sorted(by_seed))), "drops": " / ".join(f"{d:.2f}" for d in drops),
+                          "seeds": " ".join(map(str, seeds)), "drops": " / ".join(f"{d:.2f}" for d in drops),
                           "mean_drop": statistics.mean(drops), "mean_drop_se": statistics.stdev(drops) / math.sqrt(len(drops))})
     return means
+
 
 if __name__ == "__main__":
     main()
