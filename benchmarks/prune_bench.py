@@ -70,11 +70,14 @@ VARIANTS = {
     "prune+round16": ["--method", "prune", "--round-to", "16"],
     "prune+x86": ["--method", "prune", "--target", "x86"],
     "prune+block": ["--method", "prune", "--reconstruct", "block"],
+    "prune+folds": ["--method", "prune", "--sensitivity-folds", "5"],       # damages over five cross-fitted folds
+    "prune+folds+block": ["--method", "prune", "--sensitivity-folds", "5", "--reconstruct", "block"],
     "auto+block": ["--method", "auto", "--reconstruct", "block"],
 }
 ROUNDINGS = ["prune+round1", "prune+round8", "prune+round16", "prune+x86"]
 DATA_FREE = {"filter-std", "filter-l1"}
 FILTERS = ["filter-std+ls", "filter-l1+ls", "filter-std", "filter-l1"]
+FOLDS = ["prune+folds", "prune+folds+block"]
 
 # model (benchmarks/common.py): (--speedup, variants, calibration images, --rows-per-layer, eval limit).
 # ImageNet: the 280 calibration-half photos left after the held-out 70 (`--holdout 100` is capped
@@ -84,8 +87,9 @@ FILTERS = ["filter-std+ls", "filter-l1+ls", "filter-std", "filter-l1"]
 MODELS = {
     # ResNet-56 at 2x is out of reach with multiples of 16 (its first stage has 16 channels)
     "cifar10_resnet56": (2.0, ["prune", "prune+greedy", "prune+energy", "auto", *FILTERS, "prune+round1", "prune+round8",
-                               "prune+x86", "prune+block", "auto+block"], 4000, 32768, None),
-    "mobilenet_v2": (1.3, ["prune", "prune+greedy", "prune+energy", *FILTERS, *ROUNDINGS, "prune+block"], IMAGENET_CALIB, 8192, None),
+                               "prune+x86", "prune+block", "auto+block", *FOLDS], 4000, 32768, None),
+    "mobilenet_v2": (1.3, ["prune", "prune+greedy", "prune+energy", *FILTERS, *ROUNDINGS, "prune+block", *FOLDS],
+                     IMAGENET_CALIB, 8192, None),
     "squeezenet1.1": (1.5, ["prune", "prune+greedy", "prune+energy", "auto", *FILTERS, "prune+block", "auto+block"],
                       IMAGENET_CALIB, 8192, None),
 }

@@ -162,6 +162,15 @@ class DataSource:
             return DataSource(self.inputs, paths=[self.paths[i] for i in indices], prep=self.prep, description=self.description)
         return DataSource(self.inputs, arrays={k: v[indices] for k, v in self.arrays.items()}, description=self.description)
 
+    def join(self, other: DataSource) -> DataSource:
+        """This source's samples, then ``other``'s (both read from the same model inputs)."""
+        if self.paths is not None and other.paths is not None:
+            return DataSource(self.inputs, paths=self.paths + other.paths, prep=self.prep, description=self.description)
+        if self.arrays is not None and other.arrays is not None and self.arrays.keys() == other.arrays.keys():
+            return DataSource(self.inputs, arrays={k: np.concatenate([v, other.arrays[k]]) for k, v in self.arrays.items()},
+                              description=self.description)
+        raise ValueError("cannot join an image folder's samples with arrays, or arrays of other inputs")
+
     def sample_shapes(self) -> dict[str, tuple[int, ...]]:
         """The shape of one sample of each input (what dynamic model dims take in calibration)."""
         if self.paths is not None:

@@ -79,6 +79,7 @@ class CompressOptions:
     latency_batch: int = 8
     threads: int = 0
     sensitivity_grid: int = 8       # ranks / keep counts measured per layer (--allocation sensitivity, analyze)
+    sensitivity_folds: int = 1      # pruning's --allocation sensitivity: damages averaged over this many cross-fitted held-out folds
     sensitivity_metric: str = "auto"  # "auto" (kl for classifiers, else error), "error", "kl", "top1_drop" (low-rank only); low-rank and pruning
     cache_dir: Path | None = field(default_factory=default_dir)   # None: no disk cache
     vbmf_weaken: float = 0.8        # tucker2: MUSCO's weakening factor of the EVBMF ranks, in (0, 1]

@@ -24,7 +24,8 @@
    adds little to its block may lose more: on ResNet-20 at 1.5x this gave 77.7% top-1 instead
    of 76.2% with the branch's own energy). Without data (``filter-*``): the fraction of the
    ranking-score mass removed. With ``--allocation sensitivity`` (and data): each group pruned
-   alone, its damage measured at the model's output on held-out samples (``OutputSensitivity``).
+   alone, its damage measured at the model's output on held-out samples (``OutputSensitivity``);
+   with ``--sensitivity-folds K``, averaged over K cross-fitted folds (``cross_fitting_splits``).
 4. Walk the groups in topological order of their producers. For each, run the CURRENT
    (partly pruned) model from a stored graph cut just before the producer
    (``calib.capture.CutRunner``) to get the consumers' input patches ``X``; the targets
@@ -422,6 +423,54 @@ class OutputSensitivity:
         return [float(d) for d in np.interp(plan.counts, counts, [*measured, 0.0])]
 
 
+def cross_fitting_splits(calib: DataSource, holdout: DataSource, folds: int, seed: int):
+    """The other ``folds - 1`` (calibration, held-out) splits of ``--sensitivity-folds``.
+
+    The calibration samples, shuffled by ``seed``, are cut into folds of the held-out set's
+    size; each fold is held out in turn and the rest, the held-out set among them, calibrated
+    on. With the given split as the first fold, every sample is held out once in
+    ``folds * len(holdout)`` samples, and every split calibrates on as many samples as the
+    given one. K-fold cross-fitting (Chernozhukov et al. 2018, "Double/debiased machine
+    learning", §3): each group's damage is still measured on samples its refit never saw, but
+    on K times as many of them, so the allocation follows the groups rather than the 70
+    photos one split holds out (README, "K-fold damages"). ``_check_folds`` first.
+    """
+    size = len(holdout)
+    order = np.random.default_rng(seed).permutation(len(calib))
+    for fold in range(folds - 1):
+        held = order[fold * size:(fold + 1) * size]
+        yield calib.subset(np.setdiff1d(np.arange(len(calib)), held)).join(holdout), calib.subset(np.sort(held))
+
+
+def _check_folds(calib: DataSource | None, holdout: DataSource | None, options: CompressOptions) -> None:
+    folds = options.sensitivity_folds
+    if folds < 1:
+        raise UserError(f"--sensitivity-folds must be at least 1 (got {folds})")
+    if folds == 1:
+        return
+    if options.allocation != "sensitivity" or calib is None or not len(calib) or holdout is None or not len(holdout):
+        raise UserError("--sensitivity-folds averages --allocation sensitivity's damages over held-out folds: "
+                        "give --calib with --holdout above 0 and --allocation sensitivity, or drop --sensitivity-folds")
+    size = len(holdout)
+    if folds * size > len(calib) + size:
+        raise UserError(f"--sensitivity-folds {folds} needs {folds * size} samples ({folds} folds of the {size} held out); "
+                        f"there are {len(calib) + size}: lower --sensitivity-folds or --holdout, or raise --calib-size")
+
+
+def _cross_fitted_damages(model: onnx.ModelProto, calib: DataSource, holdout: DataSource, options: CompressOptions,
+                          plans: list[GroupPlan], progress: Progress | None) -> None:
+    """``plans``' damages (measured on ``holdout``) averaged with those of the other splits of
+    ``cross_fitting_splits``, each analysed afresh (statistics, selection, refit, damage)."""
+    totals = [np.asarray(plan.damages, dtype=np.float64) for plan in plans]
+    for calib_part, holdout_part in cross_fitting_splits(calib, holdout, options.sensitivity_folds, options.seed):
+        fold = analyze_prune(model, calib_part, holdout_part, dataclasses.replace(options, sensitivity_folds=1), progress)
+        assert [p.name for p in fold.plans] == [p.name for p in plans]       # the groups depend on shapes, not data
+        for total, plan in zip(totals, fold.plans):
+            total += plan.damages
+    for total, plan in zip(totals, plans):
+        plan.damages = (total / options.sensitivity_folds).tolist()
+
+
 def _refittable(node: gs.Node, exclude: list[str]) -> bool:
     """Whether a layer can be refit whole toward its original outputs
     (``_refit_toward_original``): not grouped, statistics small enough, not excluded."""
@@ -706,6 +755,7 @@ def analyze_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Dat
     method = options.method
     data = calib is not None and len(calib) > 0
     round_to = _check_options(options, data)
+    _check_folds(calib, holdout, options)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     prepared, preparation = graphs.prepare(model, calib.sample_shapes() if data else None)
@@ -798,6 +848,8 @@ def analyze_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Dat
         plan.damages = damages if sensitivity is None else sensitivity.damages(plan, solutions)
         if progress and sensitivity is not None:
             progress("sensitivity", number, len(plans))
+    if sensitivity is not None and options.sensitivity_folds > 1:
+        _cross_fitted_damages(model, calib, holdout, options, plans, progress)
     timings["allocate"] = time.perf_counter() - t0
     return PruneAnalysis(prepared, preparation, layer_list, plans, reasons, samples, sampler, targets, round_to, timings,
                          head.name if head is not None else None, sensitivity.metric if sensitivity is not None else None,

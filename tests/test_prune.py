@@ -3,6 +3,7 @@ ranking, and the pipeline end to end (small model; ResNet-20 from ../shared)."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from pathlib import Path
 
@@ -429,6 +430,47 @@ def test_per_layer_choice_takes_whichever_family_damages_the_output_less(monkeyp
     assert facts["layers_factorised"] == 1 and facts["groups_pruned"] >= 1, facts
     convs = [n for n in result.model.graph.node if n.op_type == "Conv"]
     assert len(convs) == sum(n.op_type == "Conv" for n in model.graph.node) + 1      # one layer became two
+
+
+def test_cross_fitting_splits_hold_out_every_sample_once():
+    """--sensitivity-folds K: the other K-1 splits hold out disjoint folds of the held-out set's
+    size, never calibrate on what they hold out, and calibrate on as many samples as the first."""
+    from onnxopt.prune_pipeline import cross_fitting_splits
+
+    calib, holdout = _data(80), _data(16, seed=2)
+
+    def ids(source):
+        return [source.arrays["x"][i].tobytes() for i in range(len(source))]
+
+    held_out = [ids(holdout)]
+    for calib_part, holdout_part in cross_fitting_splits(calib, holdout, 6, seed=0):
+        assert len(holdout_part) == 16 and len(calib_part) == 80
+        assert not set(ids(calib_part)) & set(ids(holdout_part))
+        held_out.append(ids(holdout_part))
+    assert len(held_out) == 6
+    assert len(set().union(*held_out)) == 96 == len(set(ids(calib)) | set(ids(holdout)))   # each sample held out once
+
+
+def test_sensitivity_folds_average_the_damages_of_each_split():
+    """The damages of --sensitivity-folds 3 are the mean of the given split's and the other two
+    splits' damages, each analysed alone; too many folds or no held-out samples are refused."""
+    from onnxopt.prune_pipeline import cross_fitting_splits
+
+    model, calib, holdout = small_cnn(), _data(48), _data(16, seed=2)
+    options = CompressOptions(speedup=2, method="prune", allocation="sensitivity", rows_per_layer=1000, sensitivity_metric="error")
+    splits = [(calib, holdout), *cross_fitting_splits(calib, holdout, 3, options.seed)]
+    alone = [analyze_prune(model, c, h, options).plans for c, h in splits]
+    folded = analyze_prune(model, calib, holdout, dataclasses.replace(options, sensitivity_folds=3)).plans
+    for i, plan in enumerate(folded):
+        per_split = np.array([plans[i].damages for plans in alone])
+        assert np.ptp(per_split, axis=0).max() > 0                    # the splits do differ
+        np.testing.assert_allclose(plan.damages, per_split.mean(0), rtol=1e-9)
+    with pytest.raises(UserError, match="needs 80 samples"):
+        analyze_prune(model, calib, holdout, dataclasses.replace(options, sensitivity_folds=5))
+    with pytest.raises(UserError, match="held-out folds"):
+        analyze_prune(model, calib, None, dataclasses.replace(options, sensitivity_folds=2))
+    with pytest.raises(UserError, match="held-out folds"):
+        analyze_prune(model, calib, holdout, dataclasses.replace(options, allocation="energy", sensitivity_folds=2))
 
 
 def test_sensitivity_damage_is_the_measured_output_change_of_the_group_alone():

@@ -143,6 +143,9 @@ CALIB_CASES = {
     "wrong dtype": (lambda tmp: [_calib(tmp, np.zeros((8, 3, 12, 12), np.complex64))], ["dtype"]),
     "pickled object array": (lambda tmp: [_pickled(tmp)], ["without pickle"]),
     "undecodable image": (lambda tmp: [_bad_image_folder(tmp), "--size", "12"], ["broken.png", "cannot decode"]),
+    "more sensitivity folds than samples": (lambda tmp: [_calib(tmp), "--method", "prune", "--sensitivity-folds", "9"],
+                                            ["--sensitivity-folds 9 needs", "lower --sensitivity-folds"]),
+    "sensitivity folds without pruning": (lambda tmp: [_calib(tmp), "--sensitivity-folds", "3"], ["for --method prune"]),
 }
 
 
