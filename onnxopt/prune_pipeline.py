@@ -443,6 +443,8 @@ def cross_fitting_splits(calib: DataSource, holdout: DataSource, folds: int, see
 
 
 def _check_folds(calib: DataSource | None, holdout: DataSource | None, options: CompressOptions) -> None:
+    """Refuse a ``--sensitivity-folds`` the data cannot give, before any model runs: K folds of
+    ``len(holdout)`` samples need held-out samples, the measured allocation, and K times as many samples."""
     folds = options.sensitivity_folds
     if folds < 1:
         raise UserError(f"--sensitivity-folds must be at least 1 (got {folds})")
