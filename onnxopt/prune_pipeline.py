@@ -464,8 +464,11 @@ def _cross_fitted_damages(model: onnx.ModelProto, calib: DataSource, holdout: Da
     """``plans``' damages (measured on ``holdout``) averaged with those of the other splits of
     ``cross_fitting_splits``, each analysed afresh (statistics, selection, refit, damage)."""
     totals = [np.asarray(plan.damages, dtype=np.float64) for plan in plans]
-    for calib_part, holdout_part in cross_fitting_splits(calib, holdout, options.sensitivity_folds, options.seed):
-        fold = analyze_prune(model, calib_part, holdout_part, dataclasses.replace(options, sensitivity_folds=1), progress)
+    splits = cross_fitting_splits(calib, holdout, options.sensitivity_folds, options.seed)
+    for number, (calib_part, holdout_part) in enumerate(splits, 2):
+        fold_progress = None if progress is None else (
+            lambda label, done, total, number=number: progress(f"fold {number}/{options.sensitivity_folds}: {label}", done, total))
+        fold = analyze_prune(model, calib_part, holdout_part, dataclasses.replace(options, sensitivity_folds=1), fold_progress)
         assert [p.name for p in fold.plans] == [p.name for p in plans]       # the groups depend on shapes, not data
         for total, plan in zip(totals, fold.plans):
             total += plan.damages
