@@ -19,6 +19,9 @@ RSS are the process's own) with:
                    AVX-512F), or fewer channels than that in multiples of 4
   prune+block      `prune`, then each block fitted to the original's through its
   auto+block       nonlinearities (`--reconstruct block`, passes/block_fit.py); likewise `auto`
+  prune+folds      `prune --sensitivity-folds 5`: each group's damage averaged over five
+                   cross-fitted held-out folds; `+block` then the block fit, `+greedy` with
+                   backward elimination; `auto+folds` likewise for auto's per-layer choice
 
 All variants of a model share the --speedup, hence (up to rounding of the channel counts) the
 same MACs: the value of reconstruction is the accuracy difference between `filter-*` and
@@ -72,7 +75,9 @@ VARIANTS = {
     "prune+block": ["--method", "prune", "--reconstruct", "block"],
     "prune+folds": ["--method", "prune", "--sensitivity-folds", "5"],       # damages over five cross-fitted folds
     "prune+folds+block": ["--method", "prune", "--sensitivity-folds", "5", "--reconstruct", "block"],
+    "prune+greedy+folds+block": ["--method", "prune", "--selection", "greedy", "--sensitivity-folds", "5", "--reconstruct", "block"],
     "auto+block": ["--method", "auto", "--reconstruct", "block"],
+    "auto+folds": ["--method", "auto", "--sensitivity-folds", "5"],         # the per-layer choice's damages over five folds
 }
 ROUNDINGS = ["prune+round1", "prune+round8", "prune+round16", "prune+x86"]
 DATA_FREE = {"filter-std", "filter-l1"}
@@ -88,10 +93,10 @@ MODELS = {
     # ResNet-56 at 2x is out of reach with multiples of 16 (its first stage has 16 channels)
     "cifar10_resnet56": (2.0, ["prune", "prune+greedy", "prune+energy", "auto", *FILTERS, "prune+round1", "prune+round8",
                                "prune+x86", "prune+block", "auto+block", *FOLDS], 4000, 32768, None),
-    "mobilenet_v2": (1.3, ["prune", "prune+greedy", "prune+energy", *FILTERS, *ROUNDINGS, "prune+block", *FOLDS],
-                     IMAGENET_CALIB, 8192, None),
-    "squeezenet1.1": (1.5, ["prune", "prune+greedy", "prune+energy", "auto", *FILTERS, "prune+block", "auto+block"],
-                      IMAGENET_CALIB, 8192, None),
+    "mobilenet_v2": (1.3, ["prune", "prune+greedy", "prune+energy", *FILTERS, *ROUNDINGS, "prune+block", *FOLDS,
+                                 "prune+greedy+folds+block"], IMAGENET_CALIB, 8192, None),
+    "squeezenet1.1": (1.5, ["prune", "prune+greedy", "prune+energy", "auto", *FILTERS, "prune+block", "auto+block",
+                                  "auto+folds"], IMAGENET_CALIB, 8192, None),
 }
 QUICK = {"cifar10_resnet20": (1.3, ["prune", "prune+block", "filter-l1+ls", "filter-l1"], 100, 8192, 200)}
 

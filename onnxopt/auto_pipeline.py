@@ -17,7 +17,8 @@ that moves the model's outputs least is kept:
    ``k`` and every factorisable layer ``l`` ranks ``r``, each priced by the same measured
    damage: the relative squared output error of the model with that group pruned alone
    (``prune_pipeline.OutputSensitivity``) or that layer factorised alone
-   (``onnxopt.sensitivity``, Niu et al. 2017), on the same held-out samples. One
+   (``onnxopt.sensitivity``, Niu et al. 2017), on the same held-out samples (with
+   ``--sensitivity-folds K``, both averaged over K cross-fitted held-out folds). One
    multiple-choice knapsack over groups AND layers (``passes.allocation``; damages additive
    as in Niu et al.) then decides, per group and per layer, whether and how much to prune or
    to factorise, under the MAC budget. A layer may be both (pruned, then factorised at a
@@ -57,7 +58,7 @@ from onnxopt.passes import allocation, lowrank
 from onnxopt.pipeline import (CompressionResult, CompressOptions, LayerResult, Plan, Progress, compress, layer_sensitivity,
                               plan, rank_grid)
 from onnxopt.prune_pipeline import PruneAnalysis, analyze_prune, compress_prune, kept_fractions, macs_kept
-from onnxopt.sensitivity import Analysis, measured_options
+from onnxopt.sensitivity import Analysis, check_folds, measured_options
 from onnxopt.spatial_pipeline import ALLOCATIONS as SPATIAL_ALLOCATIONS
 from onnxopt.verify import compare_outputs
 
@@ -101,6 +102,7 @@ def _prune_then_factorise(model: onnx.ModelProto, calib: DataSource, holdout: Da
     factor_options = dataclasses.replace(options, method=factoriser, speedup=factor_speedup, exclude=exclude)
     if factoriser == "spatial" and options.allocation not in SPATIAL_ALLOCATIONS:
         factor_options.allocation = "energy"
+    factor_options.sensitivity_folds = _folds(factor_options)
     factorised = compress(model, calib, holdout, factor_options, progress)
     if pruned is None:
         return factorised
@@ -110,6 +112,12 @@ def _prune_then_factorise(model: onnx.ModelProto, calib: DataSource, holdout: Da
         stages=pruned.stages + factorised.stages,
         timings={"prune": pruned.timings["total"], factoriser: factorised.timings["total"]},
     )
+
+
+def _folds(options: CompressOptions) -> int:
+    """``--sensitivity-folds`` where ``options.allocation`` measures damages; one elsewhere. The
+    per-layer choice always measures; the global splits with ``--allocation sensitivity``."""
+    return options.sensitivity_folds if options.allocation == "sensitivity" else 1
 
 
 @dataclasses.dataclass
@@ -188,6 +196,7 @@ class _Analyses:
     def prune(self, allocation_kind: str, progress: Progress | None) -> PruneAnalysis:
         if allocation_kind not in self._prune:
             options = dataclasses.replace(self.options, method="prune", allocation=allocation_kind)
+            options.sensitivity_folds = _folds(options)
             self._prune[allocation_kind] = analyze_prune(self.model, self.calib, self.measure_on, options, progress)
         return self._prune[allocation_kind]
 
@@ -250,6 +259,7 @@ def compress_auto(model: onnx.ModelProto, calib: DataSource | None, holdout: Dat
         raise UserError("--method auto is data-driven: give calibration data with --calib (an image folder or .npz)")
     if options.speedup <= 1:
         raise UserError(f"--speedup must be greater than 1 (got {options.speedup})")
+    check_folds(calib, holdout, options.sensitivity_folds, measured=True)      # the per-layer choice measures
     start = time.perf_counter()
     measure_on = holdout if holdout is not None and len(holdout) else calib.subset(range(min(128, len(calib))))
     analyses = _Analyses(model, calib, measure_on, options)

@@ -26,6 +26,7 @@ from onnxopt.errors import UserError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress trained CNNs in ONNX with data-driven low-rank factorisation, and check the result.")
 console = Console(stderr=True)
+FOLDED_METHODS = ("prune", "lowrank", "auto")      # whose measured damages --sensitivity-folds cross-fits
 _state = {"debug": False, "quiet": False}
 
 
@@ -142,7 +143,7 @@ def compress(
     search_steps: int = typer.Option(7, "--search-steps", help="--max-drop: compressions tried at most."),
     vbmf_weaken: float = typer.Option(0.8, "--vbmf-weaken", help="tucker2 and --allocation vbmf: weakening factor w in (0,1] of the EVBMF ranks, rank = full - w (full - EVBMF) (1: EVBMF ranks as they are)."),
     sensitivity_grid: int = typer.Option(8, "--sensitivity-grid", help="--allocation sensitivity: ranks or keep counts measured per layer (the rest interpolated)."),
-    sensitivity_folds: int = typer.Option(1, "--sensitivity-folds", help="--method prune with --allocation sensitivity: average each group's measured damages over this many folds of the calibration samples, each held out in turn (--holdout samples each; K times the allocation's time; README, K-fold damages)."),
+    sensitivity_folds: int = typer.Option(1, "--sensitivity-folds", help="--allocation sensitivity (prune, lowrank) and auto's per-layer choice: average each group's or layer's measured damages over this many folds of the calibration samples, each held out in turn (--holdout samples each; K times the measurement's time; README, K-fold damages)."),
     reconstruct: str = typer.Option("ls", "--reconstruct", help="ls (each method's layer-wise least squares), or block: then fit the blocks of the compressed model (--reconstruct-span), through their nonlinearities, to the original's block outputs on the calibration images (needs PyTorch: pip install 'onnxopt\\[reconstruct]')."),
     block_steps: int = typer.Option(300, "--reconstruct-steps", help="--reconstruct block: Adam steps per fitted stretch (--reconstruct-span)."),
     block_span: str = typer.Option("stage", "--reconstruct-span", help="--reconstruct block: which consecutive blocks (residual blocks, Fire modules, a chain's layers) are fitted as one: stage (every block of one spatial size; measured best on ResNet-56, MobileNetV2 and SqueezeNet), or a number of blocks (1: each alone; more than the model has: the whole network at once)."),
@@ -178,8 +179,8 @@ def compress(
     if sensitivity_grid < 2:
         raise UserError(f"--sensitivity-grid must be at least 2 (got {sensitivity_grid})")
     method = method or ("auto" if max_drop is not None else "lowrank")
-    if sensitivity_folds != 1 and method != "prune":
-        raise UserError(f"--sensitivity-folds is for --method prune (got --method {method}); drop it")
+    if sensitivity_folds != 1 and method not in FOLDED_METHODS:
+        raise UserError(f"--sensitivity-folds is for --method {', '.join(FOLDED_METHODS)} (got --method {method}); drop it")
     # auto: backward elimination measured closer to the original than the LASSO path (README)
     selection = selection or ("greedy" if method == "auto" else "lasso")
     check_selection(selection)
@@ -212,7 +213,7 @@ def compress(
     save_model_atomic(result.model, output, external_data=external_data)
     data = {"input": str(model_path), "output": str(output), "method": method, "allocation": allocation, "reconstruct": reconstruct, "speedup_target": speedup,
             **({"selection": selection} if method in ("prune", "auto") else {}),
-            **({"sensitivity_folds": sensitivity_folds} if method == "prune" else {}),
+            **({"sensitivity_folds": sensitivity_folds} if method in FOLDED_METHODS else {}),
             **({"round_to": round_to, "round_below": round_below} if method in ("prune", "auto", "filter-std", "filter-l1") else {}),
             **({"rank_multiple": rank_multiple, "rank_below": rank_below} if method in ("lowrank", "spatial", "auto") else {}),
             "target": target,

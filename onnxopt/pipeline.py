@@ -38,7 +38,7 @@ from onnxopt.errors import UserError
 from onnxopt.latency import LayerTimer
 from onnxopt.layers import Layer, class_score_layers, find_layers, model_macs, shape_text
 from onnxopt.passes import allocation, lowrank, vbmf
-from onnxopt.sensitivity import Analysis, analyze, measured_options
+from onnxopt.sensitivity import Analysis, analyze, check_folds, cross_fitting_splits, fold_progress, measured_options
 from onnxopt.verify import Verification, VerificationError, verify
 
 Progress = Callable[[str, int, int], None]
@@ -79,7 +79,7 @@ class CompressOptions:
     latency_batch: int = 8
     threads: int = 0
     sensitivity_grid: int = 8       # ranks / keep counts measured per layer (--allocation sensitivity, analyze)
-    sensitivity_folds: int = 1      # pruning's --allocation sensitivity: damages averaged over this many cross-fitted held-out folds
+    sensitivity_folds: int = 1      # --allocation sensitivity (and auto's per-layer choice): damages averaged over this many cross-fitted held-out folds
     sensitivity_metric: str = "auto"  # "auto" (kl for classifiers, else error), "error", "kl", "top1_drop" (low-rank only); low-rank and pruning
     cache_dir: Path | None = field(default_factory=default_dir)   # None: no disk cache
     vbmf_weaken: float = 0.8        # tucker2: MUSCO's weakening factor of the EVBMF ranks, in (0, 1]
@@ -442,8 +442,30 @@ def layer_sensitivity(model: onnx.ModelProto, model_plan: Plan, calib: DataSourc
                       options: CompressOptions, labels: np.ndarray | None = None, progress: Progress | None = None,
                       cal: Calibration | None = None) -> Analysis:
     """Per-layer damage curves (``onnxopt.sensitivity``) on ``held_out`` (default: part of the
-    calibration set), from the disk cache when the model, data and settings are unchanged
-    (then nothing is calibrated or run)."""
+    calibration set). With ``options.sensitivity_folds`` K > 1, the mean curves of K splits: the
+    given one and the others of ``sensitivity.cross_fitting_splits``, each calibrated and
+    measured alone (``cal``, the given split's calibration, serves the first only)."""
+    folds = options.sensitivity_folds
+    if folds > 1:
+        check_folds(calib, held_out, folds, measured=True)
+        if labels is not None:
+            raise UserError("--sensitivity-folds measures on folds of the calibration samples, which have no labels: "
+                            "drop --sensitivity-folds or the labelled held-out data")
+    analysis = _split_sensitivity(model, model_plan, calib, held_out, options, labels, progress, cal)
+    if folds == 1:
+        return analysis
+    analyses = [analysis]
+    for number, (calib_part, held_part) in enumerate(cross_fitting_splits(calib, held_out, folds, options.seed), 2):
+        analyses.append(_split_sensitivity(model, model_plan, calib_part, held_part, options, None,
+                                           fold_progress(progress, number, folds), None))
+    return Analysis.mean(analyses)
+
+
+def _split_sensitivity(model: onnx.ModelProto, model_plan: Plan, calib: DataSource, held_out: DataSource | None,
+                       options: CompressOptions, labels: np.ndarray | None, progress: Progress | None,
+                       cal: Calibration | None) -> Analysis:
+    """``layer_sensitivity`` of one (calibration, held-out) split, from the disk cache when the
+    model, data and settings are unchanged (then nothing is calibrated or run)."""
     if held_out is None or not len(held_out):
         held_out = calib.subset(range(min(128, len(calib))))
     allowed = {layer.name: rank_grid(layer, options.rank_multiple, below=options.rank_below) for layer in model_plan.candidates}
@@ -511,6 +533,7 @@ def _compress_with_method(model: onnx.ModelProto, calib: DataSource | None, hold
         raise UserError(f"unknown --cost {options.cost!r}; choose one of: {', '.join(COSTS)}")
     if options.allocation not in ALLOCATIONS:
         raise UserError(f"unknown --allocation {options.allocation!r}; choose one of: {', '.join(ALLOCATIONS)}")
+    check_folds(calib, holdout, options.sensitivity_folds, measured=options.allocation == "sensitivity")
     timings: dict[str, float] = {}
     start = time.perf_counter()
     model_plan = plan(model, options, calib.sample_shapes())

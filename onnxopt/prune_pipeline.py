@@ -82,7 +82,7 @@ from onnxopt.passes.channel_groups import (ChannelGroup, Member, apply_keep, fin
                                            sampler_group, set_weights)
 from onnxopt.pipeline import (SHORTCUT, CompressionResult, CompressOptions, LayerResult, Progress, batch_size_for,
                               check_selection, counts_below, layer_seed, shape_text)
-from onnxopt.sensitivity import OutputReference, grid_ranks
+from onnxopt.sensitivity import OutputReference, check_folds, cross_fitting_splits, fold_progress, grid_ranks
 from onnxopt.verify import Verification, verify
 
 METHODS = ("prune", "filter-std", "filter-l1")
@@ -423,42 +423,6 @@ class OutputSensitivity:
         return [float(d) for d in np.interp(plan.counts, counts, [*measured, 0.0])]
 
 
-def cross_fitting_splits(calib: DataSource, holdout: DataSource, folds: int, seed: int):
-    """The other ``folds - 1`` (calibration, held-out) splits of ``--sensitivity-folds``.
-
-    The calibration samples, shuffled by ``seed``, are cut into folds of the held-out set's
-    size; each fold is held out in turn and the rest, the held-out set among them, calibrated
-    on. With the given split as the first fold, every sample is held out once in
-    ``folds * len(holdout)`` samples, and every split calibrates on as many samples as the
-    given one. K-fold cross-fitting (Chernozhukov et al. 2018, "Double/debiased machine
-    learning", §3): each group's damage is still measured on samples its refit never saw, but
-    on K times as many of them, so the allocation follows the groups rather than the 70
-    photos one split holds out (README, "K-fold damages"). ``_check_folds`` first.
-    """
-    size = len(holdout)
-    order = np.random.default_rng(seed).permutation(len(calib))
-    for fold in range(folds - 1):
-        held = order[fold * size:(fold + 1) * size]
-        yield calib.subset(np.setdiff1d(np.arange(len(calib)), held)).join(holdout), calib.subset(np.sort(held))
-
-
-def _check_folds(calib: DataSource | None, holdout: DataSource | None, options: CompressOptions) -> None:
-    """Refuse a ``--sensitivity-folds`` the data cannot give, before any model runs: K folds of
-    ``len(holdout)`` samples need held-out samples, the measured allocation, and K times as many samples."""
-    folds = options.sensitivity_folds
-    if folds < 1:
-        raise UserError(f"--sensitivity-folds must be at least 1 (got {folds})")
-    if folds == 1:
-        return
-    if options.allocation != "sensitivity" or calib is None or not len(calib) or holdout is None or not len(holdout):
-        raise UserError("--sensitivity-folds averages --allocation sensitivity's damages over held-out folds: "
-                        "give --calib with --holdout above 0 and --allocation sensitivity, or drop --sensitivity-folds")
-    size = len(holdout)
-    if folds * size > len(calib) + size:
-        raise UserError(f"--sensitivity-folds {folds} needs {folds * size} samples ({folds} folds of the {size} held out); "
-                        f"there are {len(calib) + size}: lower --sensitivity-folds or --holdout, or raise --calib-size")
-
-
 def _cross_fitted_damages(model: onnx.ModelProto, calib: DataSource, holdout: DataSource, options: CompressOptions,
                           plans: list[GroupPlan], progress: Progress | None) -> None:
     """``plans``' damages (measured on ``holdout``) averaged with those of the other splits of
@@ -466,9 +430,8 @@ def _cross_fitted_damages(model: onnx.ModelProto, calib: DataSource, holdout: Da
     totals = [np.asarray(plan.damages, dtype=np.float64) for plan in plans]
     splits = cross_fitting_splits(calib, holdout, options.sensitivity_folds, options.seed)
     for number, (calib_part, holdout_part) in enumerate(splits, 2):
-        fold_progress = None if progress is None else (
-            lambda label, done, total, number=number: progress(f"fold {number}/{options.sensitivity_folds}: {label}", done, total))
-        fold = analyze_prune(model, calib_part, holdout_part, dataclasses.replace(options, sensitivity_folds=1), fold_progress)
+        fold = analyze_prune(model, calib_part, holdout_part, dataclasses.replace(options, sensitivity_folds=1),
+                             fold_progress(progress, number, options.sensitivity_folds))
         assert [p.name for p in fold.plans] == [p.name for p in plans]       # the groups depend on shapes, not data
         for total, plan in zip(totals, fold.plans):
             total += plan.damages
@@ -760,7 +723,7 @@ def analyze_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Dat
     method = options.method
     data = calib is not None and len(calib) > 0
     round_to = _check_options(options, data)
-    _check_folds(calib, holdout, options)
+    check_folds(calib, holdout, options.sensitivity_folds, measured=options.allocation == "sensitivity")
     timings: dict[str, float] = {}
     start = time.perf_counter()
     prepared, preparation = graphs.prepare(model, calib.sample_shapes() if data else None)

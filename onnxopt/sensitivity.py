@@ -16,6 +16,10 @@ Only the part of the graph after the layer runs (``CutRunner`` from the original
 values at a cut just before it), so a layer costs a fraction of a model run per grid point.
 Each curve is made monotone (never more damage at a higher rank), and ranks between grid
 points are interpolated when the curves price the allocation's options.
+
+``--sensitivity-folds K`` (``cross_fitting_splits``): the damages, low-rank's curves here and
+pruning's (``prune_pipeline.OutputSensitivity``), are measured on K disjoint held-out folds of the
+calibration samples, each with the rest calibrated on, and averaged (``Analysis.mean``).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from scipy.special import log_softmax
 
 from onnxopt import graph as graphs
 from onnxopt.calib.capture import CutRunner, cut_before
+from onnxopt.calib.readers import DataSource
+from onnxopt.errors import UserError
 from onnxopt.layers import Layer, find_layers, shape_text
 from onnxopt.passes import allocation, lowrank
 from onnxopt.verify import summed_kl
@@ -82,6 +88,22 @@ class Analysis:
         curves = [LayerCurve(**curve) for curve in data.pop("curves")]
         return cls(curves=curves, **data)
 
+    @classmethod
+    def mean(cls, analyses: list[Analysis]) -> Analysis:
+        """The curves of the cross-fitted splits (the same layers at the same ranks), averaged."""
+        first = analyses[0]
+        curves = []
+        for curve in first.curves:
+            same = [a.curve(curve.name) for a in analyses]
+            assert all(c is not None and c.ranks == curve.ranks for c in same)     # ranks depend on shapes, not data
+            averaged = {metric: None if getattr(curve, metric) is None
+                        else np.mean([getattr(c, metric) for c in same], axis=0).tolist() for metric in METRICS}
+            curves.append(LayerCurve(name=curve.name, shape=curve.shape, macs=curve.macs, ranks=curve.ranks,
+                                     macs_at=curve.macs_at, seconds=sum(c.seconds for c in same), **averaged))
+        return cls(curves=curves, samples=sum(a.samples for a in analyses), base_top1=None,
+                   seconds=sum(a.seconds for a in analyses), cached=all(a.cached for a in analyses),
+                   metrics=[m for m in first.metrics if m != "top1_drop"])
+
     def curve(self, name: str) -> LayerCurve | None:
         return next((c for c in self.curves if c.name == name), None)
 
@@ -125,6 +147,49 @@ class OutputReference:
         if self.base_top1 is not None:
             result["top1_drop"] = self.base_top1 - self.top1(logits)
         return result
+
+
+def cross_fitting_splits(calib: DataSource, holdout: DataSource, folds: int, seed: int):
+    """The other ``folds - 1`` (calibration, held-out) splits of ``--sensitivity-folds``.
+
+    The calibration samples, shuffled by ``seed``, are cut into folds of the held-out set's
+    size; each fold is held out in turn and the rest, the held-out set among them, calibrated
+    on. With the given split as the first fold, every sample is held out once in
+    ``folds * len(holdout)`` samples, and every split calibrates on as many samples as the
+    given one. K-fold cross-fitting (Chernozhukov et al. 2018, "Double/debiased machine
+    learning", §3): each damage is still measured on samples its refit never saw, but on K
+    times as many of them, so the allocation follows the layers rather than the 70 photos one
+    split holds out (README, "K-fold damages"). ``check_folds`` first.
+    """
+    size = len(holdout)
+    order = np.random.default_rng(seed).permutation(len(calib))
+    for fold in range(folds - 1):
+        held = order[fold * size:(fold + 1) * size]
+        yield calib.subset(np.setdiff1d(np.arange(len(calib)), held)).join(holdout), calib.subset(np.sort(held))
+
+
+def check_folds(calib: DataSource | None, holdout: DataSource | None, folds: int, measured: bool) -> None:
+    """Refuse a ``--sensitivity-folds`` the data cannot give, before any model runs: K folds of
+    ``len(holdout)`` samples need held-out samples, an allocation by ``measured`` damages, and K
+    times as many samples."""
+    if folds < 1:
+        raise UserError(f"--sensitivity-folds must be at least 1 (got {folds})")
+    if folds == 1:
+        return
+    if not measured or calib is None or not len(calib) or holdout is None or not len(holdout):
+        raise UserError("--sensitivity-folds averages --allocation sensitivity's damages over held-out folds: "
+                        "give --calib with --holdout above 0 and --allocation sensitivity, or drop --sensitivity-folds")
+    size = len(holdout)
+    if folds * size > len(calib) + size:
+        raise UserError(f"--sensitivity-folds {folds} needs {folds * size} samples ({folds} folds of the {size} held out); "
+                        f"there are {len(calib) + size}: lower --sensitivity-folds or --holdout, or raise --calib-size")
+
+
+def fold_progress(progress: Callable[[str, int, int], None] | None, number: int, folds: int):
+    """``progress`` with each label saying which fold it belongs to ("fold 2/5: original model")."""
+    if progress is None:
+        return None
+    return lambda label, done, total: progress(f"fold {number}/{folds}: {label}", done, total)
 
 
 def grid_ranks(ranks: list[int], grid: int) -> list[int]:

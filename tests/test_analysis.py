@@ -78,6 +78,44 @@ def test_sensitivity_is_cached_and_the_cache_follows_model_data_and_settings(tmp
     assert _sensitivity(model, data, tmp_path, held=held).cached
 
 
+def test_sensitivity_folds_average_the_curves_of_each_split():
+    """--sensitivity-folds 3: each layer's curves are the mean of the given split's and the other
+    two cross-fitted splits' curves, each calibrated and measured alone; folds the data cannot
+    give, labelled held-out data, and low-rank without the measured allocation are refused."""
+    import dataclasses
+
+    from onnxopt.calib.readers import DataSource, InputSpec
+    from onnxopt.errors import UserError
+    from onnxopt.pipeline import CompressOptions, compress, layer_sensitivity, plan
+    from onnxopt.sensitivity import cross_fitting_splits
+
+    rng = np.random.default_rng(0)
+    spec = [InputSpec("x", ["N", 3, 12, 12])]
+    data = DataSource(spec, arrays={"x": rng.standard_normal((48, 3, 12, 12)).astype(np.float32)})
+    held = DataSource(spec, arrays={"x": rng.standard_normal((16, 3, 12, 12)).astype(np.float32)})
+    model = small_cnn()
+    options = CompressOptions(speedup=2.0, sensitivity_grid=3, rows_per_layer=1024, cache_dir=None)
+    model_plan = plan(model, options)
+    splits = [(data, held), *cross_fitting_splits(data, held, 3, options.seed)]
+    alone = [layer_sensitivity(model, model_plan, c, h, options) for c, h in splits]
+    folded = layer_sensitivity(model, model_plan, data, held, dataclasses.replace(options, sensitivity_folds=3))
+    assert folded.samples == 48 and folded.metrics == ["error", "kl"]
+    for curve in folded.curves:
+        for metric in ("error", "kl"):
+            per_split = np.array([getattr(a.curve(curve.name), metric) for a in alone])
+            assert np.ptp(per_split, axis=0).max() > 0                  # the splits do differ
+            np.testing.assert_allclose(getattr(curve, metric), per_split.mean(0), rtol=1e-9)
+    with pytest.raises(UserError, match="needs 80 samples"):
+        layer_sensitivity(model, model_plan, data, held, dataclasses.replace(options, sensitivity_folds=5))
+    with pytest.raises(UserError, match="held-out folds"):
+        layer_sensitivity(model, model_plan, data, None, dataclasses.replace(options, sensitivity_folds=2))
+    with pytest.raises(UserError, match="no labels"):
+        layer_sensitivity(model, model_plan, data, held, dataclasses.replace(options, sensitivity_folds=2),
+                          labels=np.zeros(16, np.int64))
+    with pytest.raises(UserError, match="--allocation sensitivity"):
+        compress(model, data, held, dataclasses.replace(options, allocation="energy", sensitivity_folds=2))
+
+
 def test_cache_ignores_a_corrupt_entry(tmp_path):
     from onnxopt.cache import DiskCache
 

@@ -379,6 +379,33 @@ def test_auto_meets_the_budget_and_keeps_the_best_measured_split():
         compress(model, _data(40), holdout, CompressOptions(speedup=50, method="auto", rows_per_layer=500))
 
 
+def test_auto_cross_fits_the_measured_damages_only(monkeypatch):
+    """--method auto --sensitivity-folds 2: the per-layer choice's prune damages and low-rank
+    curves are cross-fitted; the global splits' energy allocations are not (they measure
+    nothing); without held-out samples auto refuses before any candidate is built."""
+    from onnxopt import auto_pipeline
+    from onnxopt.pipeline import compress
+
+    folds_seen = set()
+
+    def recording(name, real, position):         # position of the CompressOptions argument
+        def call(*args, **kwargs):
+            options = args[position]
+            folds_seen.add((name, options.allocation, options.sensitivity_folds))
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(auto_pipeline, "analyze_prune", recording("analyze_prune", auto_pipeline.analyze_prune, 3))
+    monkeypatch.setattr(auto_pipeline, "layer_sensitivity", recording("layer_sensitivity", auto_pipeline.layer_sensitivity, 4))
+    model, options = small_cnn(), CompressOptions(speedup=1.5, method="auto", rows_per_layer=2000, sensitivity_folds=2)
+    result = compress(model, _data(80), _data(16, seed=2), options)
+    _check_model(model, result, 1.5)
+    assert folds_seen == {("analyze_prune", "energy", 1), ("analyze_prune", "sensitivity", 2),
+                          ("layer_sensitivity", "energy", 2)}          # the per-layer choice's low-rank curves
+    with pytest.raises(UserError, match="held-out folds"):
+        compress(model, _data(80), None, options)
+
+
 def _flat_curves(layers, scale: float, multiple: int = 4):
     """Low-rank damage curves ``scale * (1 - r / out)`` for every layer (priced like sensitivity's)."""
     from onnxopt.passes.lowrank import decomposed_macs
@@ -435,7 +462,7 @@ def test_per_layer_choice_takes_whichever_family_damages_the_output_less(monkeyp
 def test_cross_fitting_splits_hold_out_every_sample_once():
     """--sensitivity-folds K: the other K-1 splits hold out disjoint folds of the held-out set's
     size, never calibrate on what they hold out, and calibrate on as many samples as the first."""
-    from onnxopt.prune_pipeline import cross_fitting_splits
+    from onnxopt.sensitivity import cross_fitting_splits
 
     calib, holdout = _data(80), _data(16, seed=2)
 
@@ -454,7 +481,7 @@ def test_cross_fitting_splits_hold_out_every_sample_once():
 def test_sensitivity_folds_average_the_damages_of_each_split():
     """The damages of --sensitivity-folds 3 are the mean of the given split's and the other two
     splits' damages, each analysed alone; too many folds or no held-out samples are refused."""
-    from onnxopt.prune_pipeline import cross_fitting_splits
+    from onnxopt.sensitivity import cross_fitting_splits
 
     model, calib, holdout = small_cnn(), _data(48), _data(16, seed=2)
     options = CompressOptions(speedup=2, method="prune", allocation="sensitivity", rows_per_layer=1000, sensitivity_metric="error")

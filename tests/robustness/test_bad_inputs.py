@@ -145,7 +145,10 @@ CALIB_CASES = {
     "undecodable image": (lambda tmp: [_bad_image_folder(tmp), "--size", "12"], ["broken.png", "cannot decode"]),
     "more sensitivity folds than samples": (lambda tmp: [_calib(tmp), "--method", "prune", "--sensitivity-folds", "9"],
                                             ["--sensitivity-folds 9 needs", "lower --sensitivity-folds"]),
-    "sensitivity folds without pruning": (lambda tmp: [_calib(tmp), "--sensitivity-folds", "3"], ["for --method prune"]),
+    "sensitivity folds without a measured allocation": (lambda tmp: [_calib(tmp), "--sensitivity-folds", "3"],
+                                                         ["--allocation sensitivity", "drop --sensitivity-folds"]),
+    "sensitivity folds with spatial": (lambda tmp: [_calib(tmp), "--method", "spatial", "--sensitivity-folds", "3"],
+                                       ["for --method prune, lowrank, auto"]),
 }
 
 
