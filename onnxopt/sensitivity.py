@@ -176,9 +176,12 @@ def check_folds(calib: DataSource | None, holdout: DataSource | None, folds: int
         raise UserError(f"--sensitivity-folds must be at least 1 (got {folds})")
     if folds == 1:
         return
-    if not measured or calib is None or not len(calib) or holdout is None or not len(holdout):
-        raise UserError("--sensitivity-folds averages --allocation sensitivity's damages over held-out folds: "
-                        "give --calib with --holdout above 0 and --allocation sensitivity, or drop --sensitivity-folds")
+    if not measured:
+        raise UserError("--sensitivity-folds averages measured damages over held-out folds: "
+                        "use --allocation sensitivity, or drop --sensitivity-folds")
+    if calib is None or not len(calib) or holdout is None or not len(holdout):
+        raise UserError("--sensitivity-folds averages the measured damages over held-out folds: "
+                        "give --calib with --holdout above 0, or drop --sensitivity-folds")
     size = len(holdout)
     if folds * size > len(calib) + size:
         raise UserError(f"--sensitivity-folds {folds} needs {folds * size} samples ({folds} folds of the {size} held out); "
