@@ -100,9 +100,9 @@ class Analysis:
                         else np.mean([getattr(c, metric) for c in same], axis=0).tolist() for metric in METRICS}
             curves.append(LayerCurve(name=curve.name, shape=curve.shape, macs=curve.macs, ranks=curve.ranks,
                                      macs_at=curve.macs_at, seconds=sum(c.seconds for c in same), **averaged))
-        return cls(curves=curves, samples=sum(a.samples for a in analyses), base_top1=None,
+        return cls(curves=curves, samples=sum(a.samples for a in analyses),
                    seconds=sum(a.seconds for a in analyses), cached=all(a.cached for a in analyses),
-                   metrics=[m for m in first.metrics if m != "top1_drop"])
+                   metrics=first.metrics)
 
     def curve(self, name: str) -> LayerCurve | None:
         return next((c for c in self.curves if c.name == name), None)
