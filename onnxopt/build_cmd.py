@@ -112,7 +112,7 @@ def build(
     model_path: Path = typer.Argument(..., metavar="MODEL.onnx", help="ONNX model to compile (never modified)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory: model.so + manifest.json (replaced atomically)."),
     target: Optional[str] = typer.Option(None, "--target", "-t",
-                                         help="x86 (default), aarch64, armv7, rpi3, rpi4, rpi5, cuda, jetson-nano, "
+                                         help="x86 (default: this CPU), x86-avx2, x86-avx512, aarch64, armv7, rpi3, rpi4, rpi5, cuda, jetson-nano, "
                                               "jetson-xavier, jetson-orin; see --list-targets."),
     target_json: Optional[str] = typer.Option(None, "--target-json",
                                               help='A full TVM target dict instead of --target, e.g. '

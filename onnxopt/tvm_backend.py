@@ -117,8 +117,10 @@ class TargetChoice:
 
     @property
     def runs_on_this_machine(self) -> bool:
-        """True when the library can be loaded and run here (a native CPU build)."""
-        return self.kind == "llvm" and self.cross_compiler is None
+        """True when the library can be loaded and run here (a native CPU build whose vector
+        unit, for the ``x86-avx2`` / ``x86-avx512`` presets, this CPU has)."""
+        unit = _X86_VECTOR_UNITS.get(self.name)
+        return self.kind == "llvm" and self.cross_compiler is None and (unit is None or unit in _host_cpu_flags())
 
     def to_json(self) -> dict:
         return {"name": self.name, "target": self.target, "host": self.host,
@@ -127,6 +129,16 @@ class TargetChoice:
 
 _AARCH64 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
 _ARMV7 = {"kind": "llvm", "mtriple": "armv7a-linux-gnueabihf", "mattr": ["+neon", "+vfp4"], "mfloat-abi": "hard"}
+
+
+# x86-64 CPUs named by their vector unit, for building on one machine for another: the oldest
+# LLVM CPU with that unit (Haswell: AVX2 and FMA; Skylake-SP: AVX-512F/CD/BW/DQ/VL), so the code
+# runs on every later one. The value is the /proc/cpuinfo flag the CPU needs to run it.
+_X86_VECTOR_UNITS = {"x86-avx2": "avx2", "x86-avx512": "avx512f"}
+
+
+def _x86(mcpu: str) -> dict:
+    return {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu}
 
 
 def _arm64(mcpu: str | None = None, cores: int | None = None) -> dict:
@@ -141,6 +153,10 @@ def _arm64(mcpu: str | None = None, cores: int | None = None) -> dict:
 # name -> (description, builder). Builders take the CUDA arch (only CUDA presets use it).
 _PRESETS: dict[str, tuple[str, Callable[[str | None], tuple[dict, dict | None]]]] = {
     "x86": ("this machine's x86-64 CPU (LLVM detects -mcpu)", lambda _arch: (_host_target(), None)),
+    "x86-avx2": ("any x86-64 CPU with AVX2 and FMA (Haswell, Zen and newer): 8 float32 lanes",
+                 lambda _arch: (_x86("haswell"), None)),
+    "x86-avx512": ("any x86-64 CPU with AVX-512 (Skylake-SP, Ice Lake, Zen 4 and newer): 16 float32 lanes",
+                   lambda _arch: (_x86("skylake-avx512"), None)),
     "aarch64": ("generic 64-bit ARM Linux (NEON)", lambda _arch: (_arm64(), None)),
     "armv7": ("32-bit ARMv7-A Linux, hard float, NEON/VFPv4", lambda _arch: (copy.deepcopy(_ARMV7), None)),
     "rpi3": ("Raspberry Pi 3, 64-bit OS (Cortex-A53 x4)", lambda _arch: (_arm64("cortex-a53", 4), None)),
@@ -193,6 +209,11 @@ def channel_grid(name: str) -> tuple[int, int]:
       spatial decomposition with ranks on this grid, at 1.6-2.4x fewer MACs: 1.01-1.11x faster
       at batch 1 than with multiples of 4, for 0.04-0.48 more top-1 points lost (README,
       "Spatial decomposition"); its low-rank factorisation at 2x: the same speed.
+    - ``x86-avx2`` and ``x86-avx512`` (another x86 machine, by its vector unit): the same rule
+      with 8 and 16. Measured on AVX2 by counting onnxruntime's instructions under valgrind,
+      whose CPU has AVX2 and no AVX-512, so MLAS blocks channels by 8
+      (``benchmarks/avx2_instructions.py``; README, "Channel counts in multiples of the SIMD
+      width").
     - ARM (``aarch64``, ``armv7``, ``rpi*``): multiples of 4, the lanes of 128-bit NEON.
     - CUDA (``cuda``, ``jetson-*``): multiples of 8, NVIDIA's rule for Tensor Core shapes in
       half precision (not measured here: no GPU).
@@ -202,6 +223,8 @@ def channel_grid(name: str) -> tuple[int, int]:
         raise UserError(f"unknown target {name!r}; known targets: {', '.join(_PRESETS)}")
     if key == "x86":
         return (16 if host_vector_unit() == "avx512f" else 8), 4
+    if key in _X86_VECTOR_UNITS:
+        return (16 if _X86_VECTOR_UNITS[key] == "avx512f" else 8), 4
     if key == "cuda" or key.startswith("jetson-"):
         return 8, 0
     return 4, 0

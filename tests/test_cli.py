@@ -188,14 +188,15 @@ def test_external_data_output_and_loading(tmp_path, small_model_file, small_cali
 
 def test_target_sets_the_channel_multiple(tmp_path, small_model_file, small_calib_file):
     """`--target` chooses `--round-to` (x86 8, or 16 with AVX-512, and there fewer channels than
-    that in multiples of 4; ARM 4); an explicit `--round-to` wins, with strict multiples."""
+    that in multiples of 4, x86-avx2 8 and 4 whatever this CPU has; ARM 4); an explicit
+    `--round-to` wins, with strict multiples."""
     from onnxopt.tvm_backend import channel_grid
     out, report = tmp_path / "pruned.onnx", tmp_path / "r.json"
     common = ["compress", small_model_file, "-o", out, "--method", "prune", "--speedup", "1.3", "--calib", small_calib_file,
               "--report", report]
     host = channel_grid("x86")
     assert host in ((8, 4), (16, 4))
-    for target, extra, grid in (("x86", [], host), ("aarch64", [], (4, 0)), ("x86", ["--round-to", "1"], (1, 0)),
+    for target, extra, grid in (("x86", [], host), ("x86-avx2", [], (8, 4)), ("aarch64", [], (4, 0)), ("x86", ["--round-to", "1"], (1, 0)),
                                 ("x86", ["--round-to", "16"], (16, 0))):
         multiple, below = grid
         result = onnxopt(*common, "--target", target, *extra)

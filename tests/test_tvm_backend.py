@@ -8,6 +8,7 @@ installs them with tools/install_cross_toolchains.sh).
 from __future__ import annotations
 
 import json
+import platform
 import shutil
 import subprocess
 import sys
@@ -91,6 +92,22 @@ def test_x86_detects_the_host_cpu():
     assert choice.runs_on_this_machine
 
 
+@pytest.mark.parametrize("flags, runs", [({"avx2", "fma"}, {"x86-avx2": True, "x86-avx512": False}),
+                                         ({"avx2", "avx512f"}, {"x86-avx2": True, "x86-avx512": True}),
+                                         (set(), {"x86-avx2": False, "x86-avx512": False})])
+def test_x86_vector_presets_build_for_other_machines(monkeypatch, flags, runs):
+    """`x86-avx2` / `x86-avx512` compile for the oldest CPU with that vector unit and run here
+    only where this CPU has it."""
+    pytest.importorskip("tvm")
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("the x86 presets link with the host's compiler only on x86-64")
+    monkeypatch.setattr(tvm_backend, "_host_cpu_flags", lambda: flags)
+    for name, mcpu in (("x86-avx2", "haswell"), ("x86-avx512", "skylake-avx512")):
+        choice = tvm_backend.resolve_target(name)
+        assert choice.target == {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu} and choice.cross_compiler is None
+        assert choice.runs_on_this_machine is runs[name]
+
+
 def test_cuda_arch_and_jetson_host():
     pytest.importorskip("tvm")
     assert tvm_backend.resolve_target("cuda").target == {"kind": "cuda", "arch": "sm_80"}
@@ -107,7 +124,7 @@ def test_target_json_escape_hatch():
 
 
 @pytest.mark.parametrize("call, fragment", [
-    (lambda: tvm_backend.resolve_target("pdp11"), "known targets: x86, aarch64"),
+    (lambda: tvm_backend.resolve_target("pdp11"), "known targets: x86, x86-avx2, x86-avx512, aarch64"),
     (lambda: tvm_backend.resolve_target("x86", cuda_arch="sm_80"), "only applies to CUDA"),
     (lambda: tvm_backend.resolve_target("cuda", cuda_arch="80"), "sm_NN"),
     (lambda: tvm_backend.resolve_target(None, target_json="{kind: llvm"), "not valid JSON"),
@@ -323,6 +340,7 @@ def test_channel_grid_follows_the_vector_lanes(monkeypatch, flags, x86, unit):
     monkeypatch.setattr(tvm_backend, "_host_cpu_flags", lambda: flags)
     assert tvm_backend.host_vector_unit() == unit
     assert tvm_backend.channel_grid("x86") == (x86, 4)
+    assert (tvm_backend.channel_grid("x86-avx2"), tvm_backend.channel_grid("x86-avx512")) == ((8, 4), (16, 4))
     assert [tvm_backend.channel_grid(name) for name in ("aarch64", "armv7", "rpi4", "cuda", "jetson-orin")] == \
         [(4, 0), (4, 0), (4, 0), (8, 0), (8, 0)]
     with pytest.raises(UserError, match="unknown target"):
