@@ -41,6 +41,7 @@ bench: install
 	$(BIN)/python benchmarks/lowrank_cifar.py --out benchmarks/results
 	$(BIN)/python benchmarks/allocation.py --out benchmarks/results
 	$(BIN)/python benchmarks/prune_bench.py --out benchmarks/results
+	$(BIN)/python benchmarks/avx2_instructions.py --out benchmarks/results
 
 bench-quick: install
 	$(BIN)/python benchmarks/harness.py --quick --out $(OUT)/bench-quick

@@ -17,6 +17,8 @@ RSS are the process's own) with:
                    what SIMD-friendly shapes are worth in latency, and cost in accuracy
   prune+x86        `prune --target x86`: multiples of this CPU's block (8 with AVX2, 16 with
                    AVX-512F), or fewer channels than that in multiples of 4
+  prune+x86-avx2   `prune --target x86-avx2`: AVX2's grid (8, and 4) whatever this CPU has;
+                   benchmarks/avx2_instructions.py counts what it costs on AVX2
   prune+block      `prune`, then each block fitted to the original's through its
   auto+block       nonlinearities (`--reconstruct block`, passes/block_fit.py); likewise `auto`
   prune+folds      `prune --sensitivity-folds 5`: each group's damage averaged over five
@@ -72,6 +74,7 @@ VARIANTS = {
     "prune+round8": ["--method", "prune", "--round-to", "8"],     # `--target x86` on AVX2 before 2026-12-04
     "prune+round16": ["--method", "prune", "--round-to", "16"],
     "prune+x86": ["--method", "prune", "--target", "x86"],
+    "prune+x86-avx2": ["--method", "prune", "--target", "x86-avx2"],    # AVX2's grid on any machine (avx2_instructions.py counts it)
     "prune+block": ["--method", "prune", "--reconstruct", "block"],
     "prune+folds": ["--method", "prune", "--sensitivity-folds", "5"],       # damages over five cross-fitted folds
     "prune+folds+block": ["--method", "prune", "--sensitivity-folds", "5", "--reconstruct", "block"],
@@ -79,7 +82,7 @@ VARIANTS = {
     "auto+block": ["--method", "auto", "--reconstruct", "block"],
     "auto+folds": ["--method", "auto", "--sensitivity-folds", "5"],         # the per-layer choice's damages over five folds
 }
-ROUNDINGS = ["prune+round1", "prune+round8", "prune+round16", "prune+x86"]
+ROUNDINGS = ["prune+round1", "prune+round8", "prune+round16", "prune+x86", "prune+x86-avx2"]
 DATA_FREE = {"filter-std", "filter-l1"}
 FILTERS = ["filter-std+ls", "filter-l1+ls", "filter-std", "filter-l1"]
 FOLDS = ["prune+folds", "prune+folds+block"]
@@ -92,7 +95,7 @@ FOLDS = ["prune+folds", "prune+folds+block"]
 MODELS = {
     # ResNet-56 at 2x is out of reach with multiples of 16 (its first stage has 16 channels)
     "cifar10_resnet56": (2.0, ["prune", "prune+greedy", "prune+energy", "auto", *FILTERS, "prune+round1", "prune+round8",
-                               "prune+x86", "prune+block", "auto+block", *FOLDS], 4000, 32768, None),
+                               "prune+x86", "prune+x86-avx2", "prune+block", "auto+block", *FOLDS], 4000, 32768, None),
     "mobilenet_v2": (1.3, ["prune", "prune+greedy", "prune+energy", *FILTERS, *ROUNDINGS, "prune+block", *FOLDS,
                                  "prune+greedy+folds+block"], IMAGENET_CALIB, 8192, None),
     "squeezenet1.1": (1.5, ["prune", "prune+greedy", "prune+energy", "auto", *FILTERS, "prune+block", "auto+block",
