@@ -221,10 +221,9 @@ def channel_grid(name: str) -> tuple[int, int]:
     key = name.strip().lower()
     if key not in _PRESETS:
         raise UserError(f"unknown target {name!r}; known targets: {', '.join(_PRESETS)}")
-    if key == "x86":
-        return (16 if host_vector_unit() == "avx512f" else 8), 4
-    if key in _X86_VECTOR_UNITS:
-        return (16 if _X86_VECTOR_UNITS[key] == "avx512f" else 8), 4
+    if key == "x86" or key in _X86_VECTOR_UNITS:
+        unit = host_vector_unit() if key == "x86" else _X86_VECTOR_UNITS[key]
+        return (16 if unit == "avx512f" else 8), 4
     if key == "cuda" or key.startswith("jetson-"):
         return 8, 0
     return 4, 0

@@ -27,7 +27,6 @@ pytestmark = [
 
 
 def _load_script():
-    sys.path.insert(0, str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("avx2_instructions", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -54,7 +53,7 @@ def test_valgrind_hides_avx512_from_onnxruntime():
 
 
 def test_instructions_per_inference_follow_the_work_and_repeat(tmp_path):
-    """Half the filters: about half the instructions (one inference, start-up cancelled);
+    """Half the filters: about half the instructions (the inferences alone, not the process);
     the same model counted twice, in parallel, agrees within 0.1%."""
     script = _load_script()
     wide, narrow = _conv(tmp_path / "wide.onnx", 64), _conv(tmp_path / "narrow.onnx", 32)
