@@ -78,7 +78,8 @@ def inspect(
     from onnxopt.graph import import_graph, load_model, prepare
     from onnxopt.layers import class_score_layers, find_layers
     from onnxopt.pipeline import plan_candidates
-    from onnxopt.report import inspect_table, layer_rows, print_json
+    from onnxopt.passes import early_pooling
+    from onnxopt.report import human, inspect_table, layer_rows, print_json
 
     model = load_model(model_path)
     prepared, preparation = prepare(model)
@@ -86,6 +87,9 @@ def inspect(
     layers = find_layers(graph)
     reasons = plan_candidates(layers, [], class_score_layers(graph, layers))[1]
     rows = layer_rows(layers, {layer.name: reasons.get(layer.name) for layer in layers})
+    macs = {layer.name: layer.macs or 0 for layer in layers}
+    poolable = [{"head": head.describe(), "macs_saved": sum(macs[conv.name] for conv in head.convs) * (head.spatial - 1) // head.spatial}
+                for head in early_pooling.find_heads(graph)]
     channel_groups = []
     if groups:
         from onnxopt.passes.channel_groups import find_groups
@@ -96,10 +100,13 @@ def inspect(
                 "total_macs": sum(r["macs"] or 0 for r in rows), "total_params": sum(r["params"] for r in rows)}
         if groups:
             data["channel_groups"] = [group.to_json() for group in channel_groups]
+        data["early_pooling"] = poolable
         print_json(data)
     else:
         out = Console()
         out.print(inspect_table(rows, f"{model_path.name}: {len(rows)} Conv/Gemm layers"))
+        for entry in poolable:
+            out.print(f"--pool-early: {entry['head']}, {human(entry['macs_saved'])} MACs fewer", highlight=False)
         for group in channel_groups:
             out.print(group.describe(), highlight=False)
 
@@ -147,6 +154,7 @@ def compress(
     reconstruct: str = typer.Option("ls", "--reconstruct", help="ls (each method's layer-wise least squares), or block: then fit the blocks of the compressed model (--reconstruct-span), through their nonlinearities, to the original's block outputs on the calibration images (needs PyTorch: pip install 'onnxopt\\[reconstruct]')."),
     block_steps: int = typer.Option(300, "--reconstruct-steps", help="--reconstruct block: Adam steps per fitted stretch (--reconstruct-span)."),
     block_span: str = typer.Option("stage", "--reconstruct-span", help="--reconstruct block: which consecutive blocks (residual blocks, Fire modules, a chain's layers) are fitted as one: stage (every block of one spatial size; measured best on ResNet-56, MobileNetV2 and SqueezeNet), or a number of blocks (1: each alone; more than the model has: the whole network at once)."),
+    pool_early: str = typer.Option("auto", "--pool-early", help="Move a global average pooling ahead of the 1x1 convs that feed it, so they run on the 1x1 map (MobileNetV3's efficient last stage, not retrained; where it crosses an activation, a per-channel response fitted or not, whichever moves held-out outputs less): auto (--method auto weighs it against the unchanged head; other methods leave the head alone), yes (first, then the method compresses the rest of --speedup), or no."),
     compression_stages: int = typer.Option(1, "--stages", help="tucker2: MUSCO stages (decompose, refit, repeat on the result); with --speedup, stop once it is met. Not --calib-stages."),
 ) -> None:
     """Compress IN.onnx to a model with SPEEDUP times fewer MACs, calibrated on your data."""
@@ -201,7 +209,7 @@ def compress(
                               rank_multiple=rank_multiple, rank_below=rank_below,
                               vbmf_weaken=vbmf_weaken, compression_stages=compression_stages, sensitivity_grid=sensitivity_grid,
                               sensitivity_folds=sensitivity_folds, reconstruct=reconstruct, block_steps=block_steps,
-                              block_span=block_span if block_span == "stage" else int(block_span))
+                              block_span=block_span if block_span == "stage" else int(block_span), pool_early=pool_early)
     search = None
     bar, progress = _progress()
     with bar or nullcontext():
@@ -216,7 +224,7 @@ def compress(
             **({"sensitivity_folds": sensitivity_folds} if method in FOLDED_METHODS else {}),
             **({"round_to": round_to, "round_below": round_below} if method in ("prune", "auto", "filter-std", "filter-l1") else {}),
             **({"rank_multiple": rank_multiple, "rank_below": rank_below} if method in ("lowrank", "spatial", "auto") else {}),
-            "target": target,
+            "target": target, "pool_early": pool_early,
             "preprocess": prep.describe(), "calib": " ".join(calib or []), "seed": seed, **result.to_json()}
     if search is not None:
         data["max_drop_search"] = search

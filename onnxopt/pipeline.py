@@ -21,7 +21,7 @@ import hashlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +49,7 @@ PRUNE_METHODS = ("prune", "filter-std", "filter-l1")
 SELECTIONS = ("lasso", "greedy")       # channel pruning (prune, auto): He et al.'s LASSO path, or backward elimination
 METHODS = ("lowrank", *PRUNE_METHODS, "tucker2", "spatial", "auto")
 COSTS = ("macs", "latency")
+POOL_EARLY = ("auto", "yes", "no")      # --pool-early (pooling_pipeline)
 RECONSTRUCTIONS = ("ls", "block")     # each method's layer-wise least squares; then block_pipeline
 
 
@@ -88,6 +89,7 @@ class CompressOptions:
     block_steps: int = 300          # --reconstruct block: Adam steps per fitted stretch
     block_span: int | str = "stage" # --reconstruct block: the blocks of a spatial size fitted as one, or so many
     factorize_classifier: bool = False  # low-rank / tucker2: also factorise the layer computing the class scores
+    pool_early: str = "auto"        # "auto" (auto weighs it), "yes" (before any method), "no": pooling_pipeline
 
 
 @dataclass
@@ -124,11 +126,14 @@ class CompressionResult:
     stages: int
     auto: dict | None = None            # --method auto: every prune/low-rank split tried, and its error
     reconstruction: dict | None = None  # --reconstruct block: the blocks fitted, their held-out errors before and after
+    pooling: dict | None = None         # --pool-early: the heads pooled first, the response kept and both measured
 
     def to_json(self) -> dict:
         extra = {"auto": self.auto} if self.auto is not None else {}
         if self.reconstruction is not None:
             extra["block_reconstruction"] = self.reconstruction
+        if self.pooling is not None:
+            extra["early_pooling"] = self.pooling
         return {**extra,
             "macs_before": self.macs_before,
             "macs_after": self.macs_after,
@@ -493,13 +498,54 @@ def compress(model: onnx.ModelProto, calib: DataSource | None, holdout: DataSour
     its blocks to the original's (``block_pipeline``)."""
     if options.reconstruct not in RECONSTRUCTIONS:
         raise UserError(f"unknown --reconstruct {options.reconstruct!r}; choose {' or '.join(RECONSTRUCTIONS)}")
+    if options.pool_early not in POOL_EARLY:
+        raise UserError(f"unknown --pool-early {options.pool_early!r}; choose one of: {', '.join(POOL_EARLY)}")
+
+    def run(start: onnx.ModelProto, run_options: CompressOptions) -> CompressionResult:
+        return _compress_with_method(start, calib, holdout, run_options, progress)
+
+    def method() -> CompressionResult:
+        if options.pool_early == "yes" and options.method != "auto":      # auto weighs it itself
+            from onnxopt.pooling_pipeline import pooled_then
+
+            return pooled_then(model, calib, holdout, options, run, progress)
+        return run(model, options)
+
     if options.reconstruct == "ls":
-        return _compress_with_method(model, calib, holdout, options, progress)
+        return method()
     from onnxopt.block_pipeline import check_block_data, reconstruct    # imports PyTorch
 
     check_block_data(calib)
-    result = _compress_with_method(model, calib, holdout, options, progress)
-    return reconstruct(model, result, calib, holdout, options, progress)
+    return reconstruct(model, method(), calib, holdout, options, progress)
+
+
+def merge_layer_rows(first: list[LayerResult], second: list[LayerResult]) -> list[LayerResult]:
+    """Per-layer rows of two passes run one after the other (the second on the first's model),
+    measured against the original layers: a layer the first left alone takes the second's row
+    with the original size; one only the first changed keeps the first's row with the final
+    size; one both changed, the second's row with both solvers."""
+    before_rows = {row.name: row for row in first}
+    merged = []
+    for row in second:
+        before = before_rows.get(row.name)
+        if before is None:
+            merged.append(row)
+        elif before.solver is None:
+            merged.append(replace(row, shape=before.shape, macs_before=before.macs_before, params_before=before.params_before))
+        elif row.rank is None and row.solver is None:
+            merged.append(replace(before, macs_after=row.macs_after, params_after=row.params_after))
+        else:
+            merged.append(replace(row, shape=before.shape, macs_before=before.macs_before, params_before=before.params_before,
+                                  solver=f"{before.solver}, then {row.solver}"))
+    return merged
+
+
+def chain_results(first: CompressionResult, second: CompressionResult, **changes) -> CompressionResult:
+    """``second`` (a pass run on ``first.model``) as one result measured against ``first``'s
+    original: merged rows, the original's size and preparation, both passes' stages."""
+    return replace(second, layers=merge_layer_rows(first.layers, second.layers), macs_before=first.macs_before,
+                   params_before=first.params_before, preparation=first.preparation,
+                   stages=first.stages + second.stages, pooling=second.pooling or first.pooling, **changes)
 
 
 def _compress_with_method(model: onnx.ModelProto, calib: DataSource | None, holdout: DataSource | None,

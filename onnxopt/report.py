@@ -59,7 +59,7 @@ def compress_tables(result: CompressionResult) -> list[Table]:
         layers.add_column(column, justify="left" if column in ("layer", "shape", "solver") else "right")
     for row in result.layers:
         if row.rank is None:
-            layers.add_row(row.name, row.shape, "-", row.skipped or "", human(row.macs_before), human(row.macs_after), "", "")
+            layers.add_row(row.name, row.shape, "-", row.skipped or row.solver or "", human(row.macs_before), human(row.macs_after), "", "")
         else:
             layers.add_row(row.name, row.shape, f"{row.rank}/{row.full_rank}", row.solver or "", human(row.macs_before), human(row.macs_after),
                            _fixed(row.error_before), _fixed(row.error_after))
