@@ -12,7 +12,8 @@ RSS are the process's own) with:
   filter-std       std ranking, data-free (no --calib: plain removal)
   filter-l1        L1 ranking, data-free
   auto             pruning (backward elimination) and low-rank, split globally or chosen per
-                   layer, the candidate measured on held-out samples
+                   layer, with and without the global pooling moved first (--pool-early), the
+                   candidate measured on held-out samples
   prune+roundK     `prune` with kept channel counts in multiples of K (1, 8, 16; `prune` has 4):
                    what SIMD-friendly shapes are worth in latency, and cost in accuracy
   prune+x86        `prune --target x86`: multiples of this CPU's block (8 with AVX2, 16 with
@@ -24,6 +25,8 @@ RSS are the process's own) with:
   prune+folds      `prune --sensitivity-folds 5`: each group's damage averaged over five
                    cross-fitted held-out folds; `+block` then the block fit, `+greedy` with
                    backward elimination; `auto+folds` likewise for auto's per-layer choice
+  auto+no-pool     `auto --pool-early no`: the head left alone (auto before 2026-12-05)
+  auto+x86         `auto --target x86`: channel counts and ranks on this CPU's SIMD grid
 
 All variants of a model share the --speedup, hence (up to rounding of the channel counts) the
 same MACs: the value of reconstruction is the accuracy difference between `filter-*` and
@@ -81,6 +84,8 @@ VARIANTS = {
     "prune+greedy+folds+block": ["--method", "prune", "--selection", "greedy", "--sensitivity-folds", "5", "--reconstruct", "block"],
     "auto+block": ["--method", "auto", "--reconstruct", "block"],
     "auto+folds": ["--method", "auto", "--sensitivity-folds", "5"],         # the per-layer choice's damages over five folds
+    "auto+no-pool": ["--method", "auto", "--pool-early", "no"],            # auto before --pool-early (2026-12-05)
+    "auto+x86": ["--method", "auto", "--target", "x86"],                   # channel counts and ranks on this CPU's grid
 }
 ROUNDINGS = ["prune+round1", "prune+round8", "prune+round16", "prune+x86", "prune+x86-avx2"]
 DATA_FREE = {"filter-std", "filter-l1"}
@@ -99,7 +104,7 @@ MODELS = {
     "mobilenet_v2": (1.3, ["prune", "prune+greedy", "prune+energy", *FILTERS, *ROUNDINGS, "prune+block", *FOLDS,
                                  "prune+greedy+folds+block"], IMAGENET_CALIB, 8192, None),
     "squeezenet1.1": (1.5, ["prune", "prune+greedy", "prune+energy", "auto", *FILTERS, "prune+block", "auto+block",
-                                  "auto+folds"], IMAGENET_CALIB, 8192, None),
+                                  "auto+folds", "auto+no-pool", "auto+x86"], IMAGENET_CALIB, 8192, None),
 }
 QUICK = {"cifar10_resnet20": (1.3, ["prune", "prune+block", "filter-l1+ls", "filter-l1"], 100, 8192, 200)}
 
