@@ -306,6 +306,14 @@ def open_source(spec_text: str | list[str], inputs: list[InputSpec], prep: Prepr
     return DataSource(inputs, arrays=arrays, description=f"{counts.pop()} samples from {', '.join(specs)}")
 
 
+def measurement_samples(calib: DataSource | None, holdout: DataSource | None) -> DataSource | None:
+    """Where a pipeline measures output differences: the held-out samples, or without them the
+    first 128 calibration samples (None without either)."""
+    if holdout is not None and len(holdout):
+        return holdout
+    return calib.subset(range(min(128, len(calib)))) if calib is not None and len(calib) else None
+
+
 def split_source(source: DataSource, calib_size: int, holdout_size: int, seed: int) -> tuple[DataSource, DataSource]:
     """Disjoint, seeded calibration and held-out subsets of ``source``."""
     order = np.random.default_rng(seed).permutation(len(source))

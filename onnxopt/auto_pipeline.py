@@ -59,7 +59,7 @@ import numpy as np
 import onnx
 
 from onnxopt import graph as graphs
-from onnxopt.calib.readers import DataSource
+from onnxopt.calib.readers import DataSource, measurement_samples
 from onnxopt.errors import UserError
 from onnxopt.layers import Layer
 from onnxopt.passes import allocation, lowrank
@@ -291,7 +291,7 @@ def compress_auto(model: onnx.ModelProto, calib: DataSource | None, holdout: Dat
         raise UserError(f"--speedup must be greater than 1 (got {options.speedup})")
     check_folds(calib, holdout, options.sensitivity_folds, measured=True)      # the per-layer choice measures
     start = time.perf_counter()
-    measure_on = holdout if holdout is not None and len(holdout) else calib.subset(range(min(128, len(calib))))
+    measure_on = measurement_samples(calib, holdout)
     runs = _candidate_runs(model, calib, measure_on, options, progress)
     tried, best, best_error = [], None, None
     for label, entry, run in runs:

@@ -32,7 +32,7 @@ from threadpoolctl import threadpool_limits
 from onnxopt import graph as graphs
 from onnxopt.cache import DiskCache, data_digest, default_dir, model_digest
 from onnxopt.calib.capture import CutRunner, cut_before
-from onnxopt.calib.readers import DataSource
+from onnxopt.calib.readers import DataSource, measurement_samples
 from onnxopt.calib.stats import RowSample, responses_at, sample_positions
 from onnxopt.errors import UserError
 from onnxopt.latency import LayerTimer
@@ -471,8 +471,7 @@ def _split_sensitivity(model: onnx.ModelProto, model_plan: Plan, calib: DataSour
                        cal: Calibration | None) -> Analysis:
     """``layer_sensitivity`` of one (calibration, held-out) split, from the disk cache when the
     model, data and settings are unchanged (then nothing is calibrated or run)."""
-    if held_out is None or not len(held_out):
-        held_out = calib.subset(range(min(128, len(calib))))
+    held_out = measurement_samples(calib, held_out)
     allowed = {layer.name: rank_grid(layer, options.rank_multiple, below=options.rank_below) for layer in model_plan.candidates}
     key = {"analysis": "lowrank-sensitivity/1", "model": model_digest(model), "calib": data_digest(calib),
            "held_out": data_digest(held_out), "seed": options.seed, "rows_per_layer": options.rows_per_layer,

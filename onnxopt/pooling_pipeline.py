@@ -31,7 +31,7 @@ import onnx
 
 from onnxopt import graph as graphs
 from onnxopt.calib.capture import CutRunner
-from onnxopt.calib.readers import DataSource
+from onnxopt.calib.readers import DataSource, measurement_samples
 from onnxopt.errors import UserError
 from onnxopt.layers import find_layers, shape_text
 from onnxopt.passes import early_pooling
@@ -75,13 +75,6 @@ def fitted_responses(heads: list[early_pooling.PoolableHead], means: dict[str, n
     return responses
 
 
-def _measure_on(calib: DataSource | None, holdout: DataSource | None) -> DataSource | None:
-    """The held-out samples; without them the first 128 calibration samples (as ``auto``)."""
-    if holdout is not None and len(holdout):
-        return holdout
-    return calib.subset(range(min(128, len(calib)))) if calib is not None and len(calib) else None
-
-
 def _damage(check: Verification) -> float:
     return check.relative_l2 if check.kl is None else check.kl
 
@@ -103,7 +96,7 @@ def pool_early(model: onnx.ModelProto, calib: DataSource | None, holdout: DataSo
         names = list(dict.fromkeys([head.source.name for head in heads] + [a.outputs[0].name for a in crossed]))
         means = _pooled_means(prepared, calib, names, options.threads)
         candidates["fitted"] = _pooled_model(model, prepared, options.exclude, fitted_responses(heads, means))
-    measure_on = _measure_on(calib, holdout)
+    measure_on = measurement_samples(calib, holdout)
     measured = []
     if measure_on is None:
         check_structure(model, candidates["data-free"])
@@ -156,7 +149,7 @@ def pooled_then(model: onnx.ModelProto, calib: DataSource | None, holdout: DataS
     if rest is not None and rest <= 1:
         return pooled
     result = run_rest(pooled.model, dataclasses.replace(options, speedup=rest, pool_early="no"))
-    measure_on = _measure_on(calib, holdout)
+    measure_on = measurement_samples(calib, holdout)
     if measure_on is not None:
         verification = verify(model, result.model, measure_on, options.threads)
     else:

@@ -73,7 +73,7 @@ from threadpoolctl import threadpool_limits
 
 from onnxopt import graph as graphs
 from onnxopt.calib.capture import CutRunner, cut_before
-from onnxopt.calib.readers import DataSource
+from onnxopt.calib.readers import DataSource, measurement_samples
 from onnxopt.calib.stats import SufficientStats, extract_patches, merged, responses_at, sample_positions
 from onnxopt.errors import UserError
 from onnxopt.layers import Layer, find_layers, gemm_weight_and_bias, model_macs
@@ -796,7 +796,7 @@ def analyze_prune(model: onnx.ModelProto, calib: DataSource | None, holdout: Dat
     t0 = time.perf_counter()
     sensitivity = None
     if data and options.allocation == "sensitivity":
-        held_out = holdout if holdout is not None and len(holdout) else calib.subset(range(min(128, len(calib))))
+        held_out = measurement_samples(calib, holdout)
         sensitivity = OutputSensitivity(prepared, list(held_out.batches(batch)), options.threads, options.sensitivity_grid,
                                         options.sensitivity_metric)
     for number, plan in enumerate(plans, 1):

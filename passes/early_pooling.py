@@ -199,6 +199,11 @@ def fit_response(phi: Callable[[np.ndarray], np.ndarray], pooled_pre: np.ndarray
     return Response(scale=coef[:, 0], linear=coef[:, 1], offset=coef[:, 2])
 
 
+def _channel_constant(name: str, values: np.ndarray) -> gs.Constant:
+    """Per-channel values shaped (1, C, 1, 1), to broadcast over an NCHW tensor."""
+    return gs.Constant(name, np.asarray(values, np.float32).reshape(1, -1, 1, 1))
+
+
 def rewrite(graph: gs.Graph, head: PoolableHead, responses: dict[str, Response] | None = None) -> None:
     """Pool ``head.source`` first; the chain then runs on the 1x1 map and writes the pooling's
     output tensor (its consumers unchanged). Activations in ``responses`` (``node_name``) are followed by
@@ -218,16 +223,14 @@ def rewrite(graph: gs.Graph, head: PoolableHead, responses: dict[str, Response] 
         if response is None:
             continue
         name, u, activated = names[id(node)], node.inputs[0], node.outputs[0]
-        channels = (1, len(response.scale), 1, 1)
-        const = lambda what, values: gs.Constant(f"{name}/response_{what}", np.asarray(values, np.float32).reshape(channels))  # noqa: E731
         scaled, linear, summed = (gs.Variable(f"{name}/response_{part}", dtype=np.float32) for part in ("scaled", "linear", "sum"))
         fitted = pooled_output if node is head.chain[-1] else gs.Variable(f"{name}/response_out", dtype=np.float32)
         for consumer in list(activated.outputs):
             consumer.inputs[consumer.inputs.index(activated)] = fitted
-        new_nodes += [gs.Node("Mul", f"{name}/response_scale", inputs=[activated, const("a", response.scale)], outputs=[scaled]),
-                      gs.Node("Mul", f"{name}/response_linear", inputs=[u, const("d", response.linear)], outputs=[linear]),
+        new_nodes += [gs.Node("Mul", f"{name}/response_scale", inputs=[activated, _channel_constant(f"{name}/response_a", response.scale)], outputs=[scaled]),
+                      gs.Node("Mul", f"{name}/response_linear", inputs=[u, _channel_constant(f"{name}/response_d", response.linear)], outputs=[linear]),
                       gs.Node("Add", f"{name}/response_sum", inputs=[scaled, linear], outputs=[summed]),
-                      gs.Node("Add", f"{name}/response_offset", inputs=[summed, const("e", response.offset)], outputs=[fitted])]
+                      gs.Node("Add", f"{name}/response_offset", inputs=[summed, _channel_constant(f"{name}/response_e", response.offset)], outputs=[fitted])]
     last = head.chain[-1]
     if (responses or {}).get(names[id(last)]) is None:
         last.outputs.clear()
