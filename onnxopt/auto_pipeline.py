@@ -310,7 +310,7 @@ def compress_auto(model: onnx.ModelProto, calib: DataSource | None, holdout: Dat
         entry.update(facts, mac_speedup=result.macs_before / max(result.macs_after, 1), relative_l2=check.relative_l2,
                      kl=check.kl, top1_agreement=check.top1_agreement, seconds=time.perf_counter() - t0)
         tried.append(entry)
-        error = check.relative_l2 if check.kl is None else check.kl
+        error = check.damage
         if best_error is None or error < best_error:
             best, best_error = (result, check, entry), error
     if best is None:

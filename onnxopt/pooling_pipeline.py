@@ -36,7 +36,7 @@ from onnxopt.errors import UserError
 from onnxopt.layers import find_layers, shape_text
 from onnxopt.passes import early_pooling
 from onnxopt.pipeline import CompressionResult, CompressOptions, LayerResult, Progress, chain_results
-from onnxopt.verify import Verification, check_structure, compare_outputs, verify
+from onnxopt.verify import Verification, check_structure, verify
 
 NOTHING_TO_POOL = ("nothing to pool early: no GlobalAveragePool (or AveragePool over the whole map) reads the model "
                    "through 1x1 convolutions")
@@ -75,10 +75,6 @@ def fitted_responses(heads: list[early_pooling.PoolableHead], means: dict[str, n
     return responses
 
 
-def _damage(check: Verification) -> float:
-    return check.relative_l2 if check.kl is None else check.kl
-
-
 def pool_early(model: onnx.ModelProto, calib: DataSource | None, holdout: DataSource | None, options: CompressOptions,
                progress: Progress | None = None) -> CompressionResult:
     """The model with every poolable head pooled first (module docstring, steps 1-3)."""
@@ -103,7 +99,7 @@ def pool_early(model: onnx.ModelProto, calib: DataSource | None, holdout: DataSo
         chosen, verification = "data-free", Verification(0, 0.0, 0.0, None)
     else:
         checks = {kind: verify(model, candidate, measure_on, options.threads) for kind, candidate in candidates.items()}
-        chosen = min(checks, key=lambda kind: _damage(checks[kind]))
+        chosen = min(checks, key=lambda kind: checks[kind].damage)
         verification = checks[chosen]
         measured = [{"response": kind, "kl": check.kl, "relative_l2": check.relative_l2, "top1_agreement": check.top1_agreement}
                     for kind, check in checks.items()]

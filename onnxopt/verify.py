@@ -37,6 +37,12 @@ class Verification:
     top1_agreement: float | None
     kl: float | None = None
 
+    @property
+    def damage(self) -> float:
+        """What candidates are ranked by: the KL divergence of the class distributions for a
+        classifier, else the relative L2 of the outputs."""
+        return self.relative_l2 if self.kl is None else self.kl
+
     def to_json(self) -> dict:
         return asdict(self)
 
