@@ -11,8 +11,8 @@ that feed it (``passes.early_pooling``), alone or before any method under the sa
    move less (the KL divergence of the class distributions for a classifier, the relative L2
    otherwise: ``verify.compare_outputs``) is kept. Measured (README; top-1 drop on the 350
    ImageNet evaluation photos): SqueezeNet 1.1's classifier conv pooled first, data-free, loses
-   0.57 points for 1.33x fewer MACs (held-out KL 0.015; fitted 0.057); MobileNetV2's last two
-   1x1 convs, fitted, 4.00 points for 1.13x (held-out KL 0.145; data-free 0.892). Without
+   0.57 points for 1.33x fewer MACs (held-out KL 0.015; fitted 0.020); MobileNetV2's last two
+   1x1 convs, fitted, 2.00 points for 1.13x (held-out KL 0.050; data-free 0.892). Without
    calibration data: data-free.
 4. ``pooled_then``: the method compresses the rest of ``--speedup``,
    ``s_rest = MACs_pooled / (MACs_original / s)``, on the pooled model; nothing more when the

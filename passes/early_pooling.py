@@ -16,12 +16,19 @@ convex ``phi`` (Jensen's inequality), and Clip bends both ways. Where the poolin
 the rewritten head gives each channel c a response of its pooled pre-activation ``u_c``:
 
     data-free:  y_c = phi(u_c)
-    fitted:     y_c = a_c phi(u_c) + d_c u_c + e_c,
-                (a_c, d_c, e_c) = argmin sum_n (ybar_nc - y_nc)^2,
+    fitted:     y_c = a_c phi(u_c) + d_c u_c + e_c + sum_k h_ck max(u_c - kappa_ck, 0),
+                (a_c, d_c, e_c, h_c) = argmin sum_n (ybar_nc - y_nc)^2,
 
 the least-squares fit, over calibration images n, of the original's pooled response
-``ybar_nc = mean_p phi(z_npc)`` (``fit_response``). It is one three-parameter regression per
-channel, so no channel's fit depends on which classes the images show. The inputs ``u`` are
+``ybar_nc = mean_p phi(z_npc)`` (``fit_response``). The hinges, at the quartiles
+``kappa_c = (Q1, Q3)`` of the channel's pooled pre-activations, let the slope of the response
+change inside the range the images span: the mean of ``phi`` over a map is a smoothed ``phi``
+(for a Gaussian spread of ``z`` about ``u``, the convolution of ``phi`` with it), whose bends
+need not sit where ``phi``'s do. Measured on MobileNetV2's head (last two 1x1 convs and
+their ReLU6), fitted on 280 photos: the KL divergence on 350 other photos fell from 0.19
+(``a phi + d u + e`` alone) to 0.06, in each of three draws; hinges at (10, 50, 90) or
+(20, 40, 60, 80) percentiles did no better. It is one five-parameter regression per channel, so no
+channel's fit depends on which classes the images show. The inputs ``u`` are
 those of the rewritten head (asymmetric, as He et al.'s reconstruction), so a later
 activation's fit absorbs an earlier one's error. Squared error is not what a classifier's
 output needs (SqueezeNet's class scores are pooled ReLUs, and fitting them raised the KL
@@ -40,13 +47,25 @@ import onnx_graphsurgeon as gs
 ACTIVATIONS = ("Relu", "Clip")
 
 
+KNOT_QUANTILES = (25, 75)   # percentiles of each channel's pooled pre-activation where a fitted response may bend
+
+
 @dataclass
 class Response:
-    """A fitted per-channel response ``a phi(u) + d u + e`` in place of ``phi(u)``."""
+    """A fitted per-channel response ``a phi(u) + d u + e + sum_k h_k max(u - kappa_k, 0)`` in
+    place of ``phi(u)``."""
 
     scale: np.ndarray          # a, (C,)
     linear: np.ndarray         # d, (C,)
     offset: np.ndarray         # e, (C,)
+    knots: np.ndarray | None = None     # kappa, (C, K)
+    hinges: np.ndarray | None = None    # h, (C, K)
+
+    def hinge_terms(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(kappa_k, h_k) per knot k, each (C,)."""
+        if self.knots is None:
+            return []
+        return [(self.knots[:, k], self.hinges[:, k]) for k in range(self.knots.shape[1])]
 
 
 @dataclass
@@ -179,24 +198,32 @@ def run_head(head: PoolableHead, pooled_source: np.ndarray, responses: dict[str,
 
 
 def respond(phi: Callable[[np.ndarray], np.ndarray], u: np.ndarray, response: Response | None) -> np.ndarray:
-    """``phi(u)``, or the fitted ``a phi(u) + d u + e``."""
+    """``phi(u)``, or the fitted ``a phi(u) + d u + e + sum_k h_k max(u - kappa_k, 0)``."""
     if response is None:
         return phi(u)
-    return response.scale * phi(u) + response.linear * u + response.offset
+    value = response.scale * phi(u) + response.linear * u + response.offset
+    for knot, hinge in response.hinge_terms():
+        value = value + hinge * np.maximum(u - knot, 0.0)
+    return value
 
 
 def fit_response(phi: Callable[[np.ndarray], np.ndarray], pooled_pre: np.ndarray, pooled_target: np.ndarray,
-                 ridge: float = 1e-9) -> Response:
-    """Per channel c, least squares of ``ybar_c`` on ``[phi(u_c), u_c, 1]`` over the images (module
+                 knot_quantiles: tuple[float, ...] = KNOT_QUANTILES, ridge: float = 1e-9) -> Response:
+    """Per channel c, least squares of ``ybar_c`` on ``[phi(u_c), u_c, 1, max(u_c - kappa_ck, 0)...]``
+    over the images, the knots ``kappa_c`` at ``knot_quantiles`` (percentiles) of ``u_c`` (module
     docstring). ``ridge`` (relative to each channel's mean diagonal) only steadies the channels
-    where ``phi(u) = u`` on every image, whose two slopes are then interchangeable."""
+    whose features coincide on every image (``phi(u) = u``, or a knot below every ``u``), whose
+    coefficients are then interchangeable."""
     u = np.asarray(pooled_pre, np.float64)
-    features = np.stack([phi(u), u, np.ones_like(u)], axis=-1)                   # (N, C, 3)
+    knots = np.percentile(u, knot_quantiles, axis=0).T                        # (C, K)
+    hinge_features = [np.maximum(u - knots[:, k], 0.0) for k in range(knots.shape[1])]
+    features = np.stack([phi(u), u, np.ones_like(u), *hinge_features], axis=-1)  # (N, C, 3 + K)
+    width = features.shape[-1]
     gram = np.einsum("nci,ncj->cij", features, features)
     moment = np.einsum("nci,nc->ci", features, np.asarray(pooled_target, np.float64))
-    scale = np.trace(gram, axis1=1, axis2=2)[:, None, None] / 3
-    coef = np.linalg.solve(gram + ridge * scale * np.eye(3), moment[..., None])[..., 0]
-    return Response(scale=coef[:, 0], linear=coef[:, 1], offset=coef[:, 2])
+    scale = np.trace(gram, axis1=1, axis2=2)[:, None, None] / width
+    coef = np.linalg.solve(gram + ridge * scale * np.eye(width), moment[..., None])[..., 0]
+    return Response(scale=coef[:, 0], linear=coef[:, 1], offset=coef[:, 2], knots=knots, hinges=coef[:, 3:])
 
 
 def _channel_constant(name: str, values: np.ndarray) -> gs.Constant:
@@ -207,7 +234,8 @@ def _channel_constant(name: str, values: np.ndarray) -> gs.Constant:
 def rewrite(graph: gs.Graph, head: PoolableHead, responses: dict[str, Response] | None = None) -> None:
     """Pool ``head.source`` first; the chain then runs on the 1x1 map and writes the pooling's
     output tensor (its consumers unchanged). Activations in ``responses`` (``node_name``) are followed by
-    their fitted response: ``Mul(phi(u), a) + Mul(u, d) + e``."""
+    their fitted response: ``Mul(phi(u), a) + Mul(u, d) + e``, plus ``Mul(Relu(u - kappa_k), h_k)``
+    per knot."""
     pooled = gs.Variable(f"{head.source.name}/pooled", dtype=np.float32)
     early = gs.Node("GlobalAveragePool", f"{node_name(head.pool)}/early", inputs=[head.source], outputs=[pooled])
     head.chain[0].inputs[0] = pooled
@@ -229,8 +257,16 @@ def rewrite(graph: gs.Graph, head: PoolableHead, responses: dict[str, Response] 
             consumer.inputs[consumer.inputs.index(activated)] = fitted
         new_nodes += [gs.Node("Mul", f"{name}/response_scale", inputs=[activated, _channel_constant(f"{name}/response_a", response.scale)], outputs=[scaled]),
                       gs.Node("Mul", f"{name}/response_linear", inputs=[u, _channel_constant(f"{name}/response_d", response.linear)], outputs=[linear]),
-                      gs.Node("Add", f"{name}/response_sum", inputs=[scaled, linear], outputs=[summed]),
-                      gs.Node("Add", f"{name}/response_offset", inputs=[summed, _channel_constant(f"{name}/response_e", response.offset)], outputs=[fitted])]
+                      gs.Node("Add", f"{name}/response_sum", inputs=[scaled, linear], outputs=[summed])]
+        for k, (knot, hinge) in enumerate(response.hinge_terms()):
+            shifted, bent, weighted, total = (gs.Variable(f"{name}/response_hinge{k}_{part}", dtype=np.float32)
+                                              for part in ("shifted", "relu", "scaled", "sum"))
+            new_nodes += [gs.Node("Sub", f"{name}/response_hinge{k}_shift", inputs=[u, _channel_constant(f"{name}/response_knot{k}", knot)], outputs=[shifted]),
+                          gs.Node("Relu", f"{name}/response_hinge{k}_relu", inputs=[shifted], outputs=[bent]),
+                          gs.Node("Mul", f"{name}/response_hinge{k}_scale", inputs=[bent, _channel_constant(f"{name}/response_h{k}", hinge)], outputs=[weighted]),
+                          gs.Node("Add", f"{name}/response_hinge{k}_add", inputs=[summed, weighted], outputs=[total])]
+            summed = total
+        new_nodes.append(gs.Node("Add", f"{name}/response_offset", inputs=[summed, _channel_constant(f"{name}/response_e", response.offset)], outputs=[fitted]))
     last = head.chain[-1]
     if (responses or {}).get(names[id(last)]) is None:
         last.outputs.clear()

@@ -109,11 +109,17 @@ def test_fit_response_recovers_a_known_response():
     rng = np.random.default_rng(4)
     u = rng.standard_normal((300, 7)) * 4 + 2
     scale, linear, offset = rng.standard_normal((3, 7))
+    hinges = rng.standard_normal((7, 2))
+    knots = np.stack([np.percentile(u, 25, axis=0), np.percentile(u, 75, axis=0)], axis=1)
     phi = lambda v: np.clip(v, 0, 6)  # noqa: E731
-    response = early_pooling.fit_response(phi, u, scale * phi(u) + linear * u + offset)
+    target = scale * phi(u) + linear * u + offset + sum(hinges[:, k] * np.maximum(u - knots[:, k], 0) for k in range(2))
+    response = early_pooling.fit_response(phi, u, target)
+    np.testing.assert_allclose(response.knots, knots)
     np.testing.assert_allclose(response.scale, scale, atol=1e-6)
     np.testing.assert_allclose(response.linear, linear, atol=1e-6)
     np.testing.assert_allclose(response.offset, offset, atol=1e-6)
+    np.testing.assert_allclose(response.hinges, hinges, atol=1e-6)
+    np.testing.assert_allclose(early_pooling.respond(phi, u, response), target, atol=1e-6)
 
 
 def test_fitted_rewrite_runs_in_onnxruntime_as_the_numpy_head():
@@ -122,7 +128,8 @@ def test_fitted_rewrite_runs_in_onnxruntime_as_the_numpy_head():
     graph = import_graph(prepared)
     head = early_pooling.find_heads(graph)[0]
     rng = np.random.default_rng(2)
-    responses = {"clip": early_pooling.Response(*(rng.standard_normal((3, 32))))}
+    responses = {"clip": early_pooling.Response(*(rng.standard_normal((3, 32))), knots=rng.standard_normal((32, 2)),
+                                                hinges=rng.standard_normal((32, 2)))}
     x = _images(5, seed=3)
     source = run(submodel(prepared, ["x"], ["r"]), {"x": x})[0].mean(axis=(2, 3))
     fc = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
