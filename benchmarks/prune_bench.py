@@ -27,6 +27,8 @@ RSS are the process's own) with:
                    backward elimination; `auto+folds` likewise for auto's per-layer choice
   auto+no-pool     `auto --pool-early no`: the head left alone (auto before 2026-12-05)
   auto+x86         `auto --target x86`: channel counts and ranks on this CPU's SIMD grid
+  prune+pool       `prune --pool-early yes`: the global pooling moved first, then pruning for the
+                   rest of the budget; `+folds+block` with five folds and the block fit
 
 All variants of a model share the --speedup, hence (up to rounding of the channel counts) the
 same MACs: the value of reconstruction is the accuracy difference between `filter-*` and
@@ -86,6 +88,8 @@ VARIANTS = {
     "auto+folds": ["--method", "auto", "--sensitivity-folds", "5"],         # the per-layer choice's damages over five folds
     "auto+no-pool": ["--method", "auto", "--pool-early", "no"],            # auto before --pool-early (2026-12-05)
     "auto+x86": ["--method", "auto", "--target", "x86"],                   # channel counts and ranks on this CPU's grid
+    "prune+pool": ["--method", "prune", "--pool-early", "yes"],
+    "prune+pool+folds+block": ["--method", "prune", "--pool-early", "yes", "--sensitivity-folds", "5", "--reconstruct", "block"],
 }
 ROUNDINGS = ["prune+round1", "prune+round8", "prune+round16", "prune+x86", "prune+x86-avx2"]
 DATA_FREE = {"filter-std", "filter-l1"}
@@ -102,7 +106,7 @@ MODELS = {
     "cifar10_resnet56": (2.0, ["prune", "prune+greedy", "prune+energy", "auto", *FILTERS, "prune+round1", "prune+round8",
                                "prune+x86", "prune+x86-avx2", "prune+block", "auto+block", *FOLDS], 4000, 32768, None),
     "mobilenet_v2": (1.3, ["prune", "prune+greedy", "prune+energy", *FILTERS, *ROUNDINGS, "prune+block", *FOLDS,
-                                 "prune+greedy+folds+block"], IMAGENET_CALIB, 8192, None),
+                                 "prune+greedy+folds+block", "prune+pool", "prune+pool+folds+block"], IMAGENET_CALIB, 8192, None),
     "squeezenet1.1": (1.5, ["prune", "prune+greedy", "prune+energy", "auto", *FILTERS, "prune+block", "auto+block",
                                   "auto+folds", "auto+no-pool", "auto+x86"], IMAGENET_CALIB, 8192, None),
 }
