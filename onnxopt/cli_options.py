@@ -18,6 +18,9 @@ LabelOffset = typer.Option(0, "--label-offset", help="Added to every label (1 fo
 EvalData = typer.Option(None, "--eval-data", help="Labelled images (<folder>/<class>/<image>), disjoint from --calib.")
 EvalSize = typer.Option(1000, "--eval-size", help="Evaluation images drawn from --eval-data.")
 Seed = typer.Option(0, "--seed", help="Seed for sampling images and positions.")
+CalibSize = typer.Option(2000, "--calib-size", help="Calibration samples drawn from --calib.")
+Rows = typer.Option(8192, "--rows-per-layer", help="Sampled response rows per layer.")
+Exclude = typer.Option(None, "--exclude", help="Leave this layer alone (name or glob; repeatable).")
 Threads = typer.Option(0, "--threads", help="onnxruntime threads (0: all cores).")
 FactorizeClassifier = typer.Option(
     False, "--factorize-classifier",
