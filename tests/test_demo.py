@@ -5,12 +5,12 @@ import json
 import shlex
 import shutil
 import subprocess
-import sys
 
 import onnx
 import pytest
 
 from conftest import ROOT
+from test_cli import onnxopt
 
 
 def demo_commands(out_dir) -> list[list[str]]:
@@ -23,15 +23,11 @@ def demo_commands(out_dir) -> list[list[str]]:
     return [argv[1:] for argv in commands if argv and argv[0].endswith("/onnxopt")]
 
 
-def onnxopt(args):
-    return subprocess.run([sys.executable, "-m", "onnxopt", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
-
-
 def test_make_demo_compresses_the_bundled_model_2x_and_keeps_its_accuracy(tmp_path):
     commands = demo_commands(tmp_path)
     assert [argv[0] for argv in commands] == ["inspect", "compress", "eval", "eval", "bench"]
     for argv in commands:
-        result = onnxopt(argv)
+        result = onnxopt(*argv, cwd=ROOT)
         assert result.returncode == 0, f"onnxopt {shlex.join(argv)}\n{result.stderr}"
 
     compressed = tmp_path / "fmnist_cnn_2x.onnx"
@@ -39,8 +35,8 @@ def test_make_demo_compresses_the_bundled_model_2x_and_keeps_its_accuracy(tmp_pa
     report = json.loads((tmp_path / "fmnist_cnn_2x.json").read_text())
     assert report["macs_before"] >= 2 * report["macs_after"]
 
-    compared = onnxopt(["eval", str(compressed), "--data", "models/demo/fashion-mnist/test", "--preset", "fashion-mnist",
-                        "--baseline", "models/demo/fmnist_cnn.onnx", "--json"])
+    compared = onnxopt("eval", compressed, "--data", "models/demo/fashion-mnist/test", "--preset", "fashion-mnist",
+                       "--baseline", "models/demo/fmnist_cnn.onnx", "--json", cwd=ROOT)
     assert compared.returncode == 0, compared.stderr
     accuracy = json.loads(compared.stdout)
     assert accuracy["n"] == 1000
