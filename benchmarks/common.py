@@ -84,7 +84,8 @@ def run_measured(args: list[str]) -> tuple[subprocess.CompletedProcess, float, f
 
 def evaluate(model: Path, spec: ModelSpec, limit: int | None = None, baseline: Path | None = None) -> dict:
     """``onnxopt eval --json`` on the model's evaluation images; with ``baseline``, also the
-    paired drop (``top1_drop_points``, ``drop_se_points``, ``top1_agreement``)."""
+    paired drop (``top1_drop_points``, ``drop_se_points``, ``top1_agreement``) and the mean KL divergence
+    of the class distributions (``kl``, ``kl_se``)."""
     args = ["eval", str(model), "--data", str(spec.test), "--preset", spec.preset, "--json", *spec.eval_args]
     if baseline is not None:
         args += ["--baseline", str(baseline)]

@@ -178,7 +178,7 @@ def main() -> None:
                 "params_ratio": data["params_before"] / data["params_after"],
                 "top1": accuracy["top1"], "top1_original": accuracy["baseline"]["top1"],     # the same images, the same run
                 "top1_drop_points": accuracy["top1_drop_points"], "drop_se_points": accuracy["drop_se_points"],
-                "top1_agreement": accuracy["top1_agreement"],
+                "top1_agreement": accuracy["top1_agreement"], "kl": accuracy["kl"], "kl_se": accuracy["kl_se"],
                 "latency_speedup_b32": latency[32]["speedup"], "latency_speedup_b1": latency[1]["speedup"],
                 "compress_wall_s": wall, "compress_peak_rss_mb": peak_mb,
                 "eval_images": accuracy["n"], "calib_images": 0 if variant in DATA_FREE else calib_size,
@@ -196,7 +196,7 @@ def main() -> None:
     print(markdown(all_rows,
                    [("model", "model", "s"), ("target", "speedup_target", "g"), ("variant", "variant", "s"), ("seed", "seed", "d"), ("SIMD", "vector_unit", "s"),
                     ("MACs ratio", "mac_ratio", ".2f"), ("top-1", "top1", ".4f"), ("orig.", "top1_original", ".4f"),
-                    ("drop (pts)", "top1_drop_points", ".2f"), ("± s.e.", "drop_se_points", ".2f"), ("ORT speed-up b1", "latency_speedup_b1", ".2f"),
+                    ("drop (pts)", "top1_drop_points", ".2f"), ("± s.e.", "drop_se_points", ".2f"), ("KL", "kl", ".4f"), ("ORT speed-up b1", "latency_speedup_b1", ".2f"),
                     ("b32", "latency_speedup_b32", ".2f"), ("time (s)", "compress_wall_s", ".0f"),
                     ("peak RSS (MB)", "compress_peak_rss_mb", ".0f")]))
     over_seeds = seed_means(all_rows)

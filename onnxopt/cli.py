@@ -301,8 +301,8 @@ def evaluate_command(
     seed: int = opt.Seed,
     threads: int = opt.Threads,
     baseline_path: Optional[Path] = typer.Option(None, "--baseline", metavar="ORIGINAL.onnx",
-                                                 help="Also score this model on the same images: the top-1 drop, its paired standard error, and the answers changed."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object with top1, top5, n (and with --baseline: baseline, top1_drop_points, drop_se_points, lost, gained, top1_agreement)."),
+                                                 help="Also score this model on the same images: the top-1 drop, its paired standard error, the answers changed, and the mean KL divergence of the class distributions (baseline || model)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object with top1, top5, n (and with --baseline: baseline, top1_drop_points, drop_se_points, lost, gained, top1_agreement, kl, kl_se)."),
 ) -> None:
     """Top-1/top-5 accuracy on a labelled image folder."""
     from onnxopt.evaluate import evaluate
@@ -329,7 +329,8 @@ def evaluate_command(
         Console().print(f"{model_path.name}: top-1 {result.model.top1:.2%}  top-5 {result.model.top5:.2%}; "
                         f"{baseline_path.name}: top-1 {result.baseline.top1:.2%}  top-5 {result.baseline.top5:.2%}; on {result.model.n} images\n"
                         f"top-1 drop {result.drop_points:.2f} ± {result.drop_se_points:.2f} points (paired standard error): "
-                        f"{result.lost} images lost, {result.gained} gained; the same top-1 class on {result.top1_agreement:.1%}",
+                        f"{result.lost} images lost, {result.gained} gained; the same top-1 class on {result.top1_agreement:.1%}; "
+                        f"KL of the class distributions {result.kl:.4f} ± {result.kl_se:.4f}",
                         highlight=False)
 
 

@@ -72,11 +72,16 @@ def check_structure(original: onnx.ModelProto, compressed: onnx.ModelProto) -> N
         raise VerificationError("the rewritten model's outputs differ from the original's")
 
 
-def summed_kl(reference_log_probs: np.ndarray, logits: np.ndarray) -> float:
-    """``sum_rows KL(p || softmax logits)`` with ``p = exp(reference_log_probs)`` (log-softmax of
+def row_kl(reference_log_probs: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """``KL(p || softmax logits)`` per row, with ``p = exp(reference_log_probs)`` (log-softmax of
     the original's logits, rows = samples)."""
     log_q = log_softmax(np.asarray(logits, np.float64), axis=1)
-    return float((np.exp(reference_log_probs) * (reference_log_probs - log_q)).sum())
+    return (np.exp(reference_log_probs) * (reference_log_probs - log_q)).sum(1)
+
+
+def summed_kl(reference_log_probs: np.ndarray, logits: np.ndarray) -> float:
+    """``row_kl`` summed over the rows."""
+    return float(row_kl(reference_log_probs, logits).sum())
 
 
 def compare_outputs(original: onnx.ModelProto, compressed: onnx.ModelProto, data: DataSource,

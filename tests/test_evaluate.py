@@ -7,6 +7,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 from PIL import Image
+from scipy.special import log_softmax
 
 from conftest import labelled_folders, run, small_cnn
 from onnxopt.evaluate import Accuracy, PairedAccuracy
@@ -36,12 +37,12 @@ def _with_class_favoured(model: onnx.ModelProto, label: int) -> onnx.ModelProto:
     return changed
 
 
-def _folder_predictions(model: onnx.ModelProto, folder) -> tuple[np.ndarray, np.ndarray]:
-    """Top-1 of ``model`` on every image of a class folder (as ``eval`` reads them), and the labels."""
+def _folder_logits(model: onnx.ModelProto, folder) -> tuple[np.ndarray, np.ndarray]:
+    """The logits of ``model`` on every image of a class folder (as ``eval`` reads them), and the labels."""
     paths = sorted(p for p in folder.glob("*/*.png"))
     x = np.stack([np.asarray(Image.open(p), np.float32) / 255 for p in paths]).transpose(0, 3, 1, 2)
     labels = np.array([int(p.parent.name.removeprefix("class")) for p in paths])
-    return run(model, {"x": x})[0].argmax(1), labels
+    return run(model, {"x": x})[0], labels
 
 
 def test_eval_against_a_baseline_counts_the_answers_changed(tmp_path, small_model_file, small_model):
@@ -56,11 +57,13 @@ def test_eval_against_a_baseline_counts_the_answers_changed(tmp_path, small_mode
     same = json.loads(same.stdout)
     assert (same["top1_drop_points"], same["drop_se_points"], same["lost"], same["gained"]) == (0.0, 0.0, 0, 0)
     assert same["top1_agreement"] == 1.0 and same["baseline"]["top1"] == same["top1"] == 1.0   # labels: its own answers
+    assert same["kl"] == pytest.approx(0.0, abs=1e-9)
 
     result = onnxopt("eval", changed_file, "--baseline", small_model_file, *common)
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
-    predicted, labels = _folder_predictions(changed, evaluation)
+    logits, labels = _folder_logits(changed, evaluation)
+    predicted = logits.argmax(1)
     lost = int(np.sum(predicted != labels))
     assert 0 < lost < len(labels)
     assert (data["lost"], data["gained"], data["n"]) == (lost, 0, len(labels))
@@ -68,10 +71,17 @@ def test_eval_against_a_baseline_counts_the_answers_changed(tmp_path, small_mode
     assert data["top1_drop_points"] == pytest.approx(100 * lost / len(labels))
     assert data["top1_agreement"] == pytest.approx(1 - lost / len(labels))
     assert 0 < data["drop_se_points"] < data["top1_drop_points"]
+    # KL(p_baseline || p_changed) per image, from the two models' logits on the same images
+    log_p = log_softmax(_folder_logits(small_model, evaluation)[0].astype(np.float64), axis=1)
+    per_image = (np.exp(log_p) * (log_p - log_softmax(logits.astype(np.float64), axis=1))).sum(1)
+    assert per_image.min() > 0
+    assert data["kl"] == pytest.approx(per_image.mean(), rel=1e-4)
+    assert data["kl_se"] == pytest.approx(per_image.std(ddof=1) / np.sqrt(len(per_image)), rel=1e-3)
 
     text = onnxopt("eval", changed_file, "--baseline", small_model_file, "--data", evaluation, "--size", "12")
     assert text.returncode == 0, text.stderr
     assert f"{lost} images lost, 0 gained" in " ".join(text.stdout.split())
+    assert f"KL of the class distributions {per_image.mean():.4f}" in " ".join(text.stdout.split())
 
 
 def test_eval_refuses_a_baseline_with_other_inputs(tmp_path, small_model_file, small_model):
@@ -82,3 +92,19 @@ def test_eval_refuses_a_baseline_with_other_inputs(tmp_path, small_model_file, s
                       "--baseline", "other inputs")
     assert_user_error(onnxopt("eval", small_model_file, "--baseline", tmp_path / "missing.onnx", "--data", evaluation,
                               "--size", "12"), "missing.onnx")
+
+
+def test_eval_refuses_a_baseline_with_another_number_of_classes(tmp_path, small_model_file, small_model):
+    _, evaluation = labelled_folders(tmp_path, small_model)
+    wider = onnx.ModelProto()
+    wider.CopyFrom(small_model)
+    for tensor in wider.graph.initializer:
+        if tensor.name in ("fc.w", "fc.b"):
+            values = numpy_helper.to_array(tensor)
+            tensor.CopyFrom(numpy_helper.from_array(np.concatenate([values, values[:1]]), tensor.name))
+    wider.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 11
+    onnx.checker.check_model(wider, full_check=True)
+    wider_file = tmp_path / "wider.onnx"
+    onnx.save(wider, wider_file)
+    assert_user_error(onnxopt("eval", wider_file, "--baseline", small_model_file, "--data", evaluation, "--size", "12"),
+                      "logits have shape", "original")
