@@ -185,18 +185,19 @@ def compare(model: onnx.ModelProto, baseline: onnx.ModelProto, source: DataSourc
         start += len(logits)
         if progress:
             progress("evaluating both", start, len(labels))
-    kl = np.concatenate(kl)
-    result = paired(np.concatenate(ours), np.concatenate(theirs), labels)
-    result.kl = float(kl.mean())
-    result.kl_se = float(kl.std(ddof=1) / np.sqrt(len(kl))) if len(kl) > 1 else float("nan")
-    return result
+    return paired(np.concatenate(ours), np.concatenate(theirs), labels, np.concatenate(kl))
 
 
-def paired(ours: np.ndarray, theirs: np.ndarray, labels: np.ndarray) -> PairedAccuracy:
-    """``PairedAccuracy`` from two models' ``top5`` on the same images."""
+def paired(ours: np.ndarray, theirs: np.ndarray, labels: np.ndarray, kl: np.ndarray | None = None) -> PairedAccuracy:
+    """``PairedAccuracy`` from two models' ``top5`` on the same images (and their per-image ``kl``)."""
     right, right_before = ours[:, 0] == labels, theirs[:, 0] == labels
+    kl_mean = kl_se = None
+    if kl is not None:
+        kl_mean = float(kl.mean())
+        kl_se = float(kl.std(ddof=1) / np.sqrt(len(kl))) if len(kl) > 1 else float("nan")
     return PairedAccuracy(accuracy(ours, labels), accuracy(theirs, labels), lost=int(np.sum(right_before & ~right)),
-                          gained=int(np.sum(right & ~right_before)), top1_agreement=float(np.mean(ours[:, 0] == theirs[:, 0])))
+                          gained=int(np.sum(right & ~right_before)), top1_agreement=float(np.mean(ours[:, 0] == theirs[:, 0])),
+                          kl=kl_mean, kl_se=kl_se)
 
 
 def evaluate(model: onnx.ModelProto, inputs: list[InputSpec], folder: Path, prep: Preprocess,
