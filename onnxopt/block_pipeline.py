@@ -55,7 +55,7 @@ def reconstruct(model: onnx.ModelProto, result, calib: DataSource, holdout: Data
     start = time.perf_counter()
     prepared, _ = graphs.prepare(model, calib.sample_shapes())
     count = images_within(prepared, result.model, options.memory_budget, len(calib), options.block_span)
-    fit_options = block_fit.BlockFitOptions(steps=options.block_steps, span=options.block_span, seed=options.seed,
+    fit_options = block_fit.BlockFitOptions(steps=options.block_steps, span=options.block_span, lr=options.block_lr, seed=options.seed,
                                             threads=options.threads)
     fitted, fits = block_fit.reconstruct_blocks(prepared, result.model, stack(calib, count), fit_options, progress)
     verification = result.verification

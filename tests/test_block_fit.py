@@ -204,10 +204,12 @@ def test_compress_reconstruct_block_from_the_command_line(tmp_path, small_model_
     common = ["compress", small_model_file, "--method", "prune", "--speedup", "1.5", "--calib", small_calib_file]
     plain, fitted, report = tmp_path / "ls.onnx", tmp_path / "block.onnx", tmp_path / "block.json"
     assert onnxopt(*common, "-o", plain).returncode == 0
-    result = onnxopt(*common, "-o", fitted, "--reconstruct", "block", "--reconstruct-steps", "40", "--report", report)
+    result = onnxopt(*common, "-o", fitted, "--reconstruct", "block", "--reconstruct-steps", "40", "--reconstruct-lr", "0.005",
+                     "--report", report)
     assert result.returncode == 0, result.stderr
     data = json.loads(report.read_text())
     assert data["reconstruct"] == "block"
+    assert data["block_reconstruction"]["lr"] == 0.005 and data["block_reconstruction"]["steps"] == 40
     blocks = data["block_reconstruction"]["blocks"]
     assert blocks and all(b["loss_after"] <= b["loss_before"] for b in blocks)
     assert any(b["loss_after"] < b["loss_before"] for b in blocks)
@@ -222,6 +224,8 @@ def test_compress_reconstruct_block_from_the_command_line(tmp_path, small_model_
     assert_user_error(onnxopt(*common, "-o", tmp_path / "x.onnx", "--reconstruct", "adam"), "unknown --reconstruct 'adam'")
     assert_user_error(onnxopt(*common, "-o", tmp_path / "x.onnx", "--reconstruct", "block", "--reconstruct-span", "0"),
                       "--reconstruct-span must be stage or a whole number")
+    assert_user_error(onnxopt(*common, "-o", tmp_path / "x.onnx", "--reconstruct", "block", "--reconstruct-lr", "0"),
+                      "--reconstruct-lr must be a relative step size above 0")
     assert_user_error(onnxopt("compress", small_model_file, "-o", tmp_path / "y.onnx", "--method", "filter-std",
                               "--speedup", "1.5", "--reconstruct", "block"), "--reconstruct block", "--calib")
     assert not (tmp_path / "x.onnx").exists() and not (tmp_path / "y.onnx").exists()
