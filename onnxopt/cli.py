@@ -153,7 +153,7 @@ def compress(
     sensitivity_folds: int = typer.Option(1, "--sensitivity-folds", help="--allocation sensitivity (prune, lowrank) and auto's per-layer choice: average each group's or layer's measured damages over this many folds of the calibration samples, each held out in turn (--holdout samples each; K times the measurement's time; README, K-fold damages)."),
     reconstruct: str = typer.Option("ls", "--reconstruct", help="ls (each method's layer-wise least squares), or block: then fit the blocks of the compressed model (--reconstruct-span), through their nonlinearities, to the original's block outputs on the calibration images (needs PyTorch: pip install 'onnxopt\\[reconstruct]')."),
     block_steps: int = typer.Option(300, "--reconstruct-steps", help="--reconstruct block: Adam steps per fitted stretch (--reconstruct-span)."),
-    block_lr: float = typer.Option(3e-3, "--reconstruct-lr", help="--reconstruct block: each Conv/Gemm's Adam step size, relative to the RMS of its weights (cosine-annealed to 0 over --reconstruct-steps)."),
+    block_lr: float = typer.Option(1e-2, "--reconstruct-lr", help="--reconstruct block: each Conv/Gemm's Adam step size, relative to the RMS of its weights (cosine-annealed to 0 over --reconstruct-steps)."),
     block_span: str = typer.Option("stage", "--reconstruct-span", help="--reconstruct block: which consecutive blocks (residual blocks, Fire modules, a chain's layers) are fitted as one: stage (every block of one spatial size; measured best on ResNet-56, MobileNetV2 and SqueezeNet), or a number of blocks (1: each alone; more than the model has: the whole network at once)."),
     pool_early: str = typer.Option("auto", "--pool-early", help="Move a global average pooling ahead of the 1x1 convs that feed it, so they run on the 1x1 map (MobileNetV3's efficient last stage, not retrained; where it crosses an activation, a per-channel response fitted or not, whichever moves held-out outputs less): auto (--method auto weighs it against the unchanged head; other methods leave the head alone), yes (first, then the method compresses the rest of --speedup), or no."),
     compression_stages: int = typer.Option(1, "--stages", help="tucker2: MUSCO stages (decompose, refit, repeat on the result); with --speedup, stop once it is met. Not --calib-stages."),
@@ -184,7 +184,7 @@ def compress(
     if block_steps < 1:
         raise UserError(f"--reconstruct-steps must be at least 1 (got {block_steps})")
     if not 0 < block_lr < 1:
-        raise UserError(f"--reconstruct-lr must be a relative step size above 0 and below 1 (got {block_lr}); the default is 0.003")
+        raise UserError(f"--reconstruct-lr must be a relative step size above 0 and below 1 (got {block_lr}); the default is 0.01")
     if block_span != "stage" and not (block_span.isdigit() and int(block_span) >= 1):
         raise UserError(f"--reconstruct-span must be stage or a whole number of at least 1 (got {block_span})")
     if sensitivity_grid < 2:

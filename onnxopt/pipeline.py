@@ -88,7 +88,7 @@ class CompressOptions:
     reconstruct: str = "ls"         # "ls" (each method's own layer-wise least squares) or "block" (then passes.block_fit)
     block_steps: int = 300          # --reconstruct block: Adam steps per fitted stretch
     block_span: int | str = "stage" # --reconstruct block: the blocks of a spatial size fitted as one, or so many
-    block_lr: float = 3e-3          # --reconstruct block: each layer's Adam step size, relative to its weights' RMS
+    block_lr: float = 1e-2          # --reconstruct block: each layer's Adam step size, relative to its weights' RMS
     factorize_classifier: bool = False  # low-rank / tucker2: also factorise the layer computing the class scores
     pool_early: str = "auto"        # "auto" (auto weighs it), "yes" (before any method), "no": pooling_pipeline
 

@@ -375,7 +375,7 @@ class BlockFitOptions:
     steps: int = 300            # Adam steps per fitted stretch
     span: int | str = "stage"   # block_ends: the blocks of one spatial size fitted as one, or so many
     batch: int = 16             # images per step
-    lr: float = 3e-3            # relative: per Conv/Gemm, times the RMS of its weight (OnnxBlock.param_groups)
+    lr: float = 1e-2            # relative: per Conv/Gemm, times the RMS of its weight (OnnxBlock.param_groups)
     check_every: int = 50
     holdout_fraction: float = 0.125
     seed: int = 0
