@@ -184,7 +184,7 @@ def compress(
     if block_steps < 1:
         raise UserError(f"--reconstruct-steps must be at least 1 (got {block_steps})")
     if not 0 < block_lr < 1:
-        raise UserError(f"--reconstruct-lr must be a relative step size above 0 and below 1 (got {block_lr}); the default is 0.01")
+        raise UserError(f"--reconstruct-lr must be a relative step size above 0 and below 1 (got {block_lr})")
     if block_span != "stage" and not (block_span.isdigit() and int(block_span) >= 1):
         raise UserError(f"--reconstruct-span must be stage or a whole number of at least 1 (got {block_span})")
     if sensitivity_grid < 2:
